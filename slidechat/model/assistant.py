@@ -1,0 +1,361 @@
+"""SlideAssistant: hierarchical slide encoder -> projector (Q-Former or linear) -> any Hugging Face causal LM.
+
+The LLM's own chat template is used as is. The first user turn carries a ``<slide>`` placeholder (``<image>`` is
+accepted too); after tokenisation it is a single id ``SLIDE_TOKEN_ID`` (-200, the LLaVA convention) that
+``build_inputs_embeds`` replaces by the slide's projected tokens (K for the Q-Former, one per patch for the linear
+baseline). No token is added to the LLM's vocabulary, so a frozen LLM stays untouched.
+
+Training hooks (issue 5): ``tokenize_conversation(messages)`` and ``forward(input_ids, attention_mask, labels,
+slide_features, slide_coords)`` returning the LLM output with ``.loss``.
+
+Checkpoint folder (``save_pretrained`` / ``from_pretrained``)::
+
+    config.json                 SlideAssistantConfig (the LLM referenced by alias / path / hub id)
+    model.safetensors           slide_encoder.* + projector.*
+    patch_encoder.safetensors   the patch encoder's weights, when it has some (optional)
+    adapter/                    peft LoRA adapter (mode "lora")
+    llm/                        the full LLM + tokenizer (mode "full" only)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slidechat import prompts
+from slidechat.errors import CheckpointError, ConfigError, DataError, SlideChatError
+from slidechat.model.config import SlideAssistantConfig
+from slidechat.model.llm import load_llm
+from slidechat.model.qformer import LinearProjector, ProjectorOutput, QFormerProjector
+from slidechat.model.slide_encoder import HierarchicalSlideEncoder, SlideEncoderOutput, pad_and_stack
+from slidechat.utils.io import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SLIDE_TOKEN_ID = -200
+IGNORE_INDEX = -100
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PATCH_ENCODER_WEIGHTS_NAME = "patch_encoder.safetensors"
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                "model": "assistant", "bot": "assistant"}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def normalise_messages(messages: Sequence[dict[str, Any]], with_slide: bool = True) -> list[dict[str, str]]:
+    """Accept ``{"role","content"}`` or LLaVA ``{"from","value"}`` turns; put one ``<slide>`` in the first user turn
+    (inserted at its start if missing when ``with_slide``) and drop placeholders from every other turn."""
+    out: list[dict[str, str]] = []
+    seen_slide = False
+    for m in messages:
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role not in ROLE_ALIASES or not isinstance(content, str):
+            raise DataError(f"a conversation turn needs a role (user/assistant/system or human/gpt) and text, got {m!r}")
+        role = ROLE_ALIASES[role]
+        content = prompts.normalise_placeholder(content)
+        if role == "user" and not seen_slide and with_slide:
+            if prompts.SLIDE_PLACEHOLDER not in content:
+                content = prompts.SLIDE_PLACEHOLDER + "\n" + content
+            head, _, tail = content.partition(prompts.SLIDE_PLACEHOLDER)
+            content = head + prompts.SLIDE_PLACEHOLDER + tail.replace(prompts.SLIDE_PLACEHOLDER, "")
+            seen_slide = True
+        else:
+            content = content.replace(prompts.SLIDE_PLACEHOLDER, "").strip() if prompts.SLIDE_PLACEHOLDER in content else content
+        out.append({"role": role, "content": content})
+    return out
+
+
+class SlideAssistant(nn.Module):
+    """The whole model. Build with ``SlideAssistant(config)`` (loads the LLM) or ``from_pretrained(dir)``."""
+
+    def __init__(self, config: SlideAssistantConfig, device: str | torch.device | None = None,
+                 llm: nn.Module | None = None, tokenizer=None, adapter_dir: Path | None = None,
+                 base_dir: Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        device = torch.device(device or default_device())
+        if llm is None:
+            llm, tokenizer = load_llm(config.llm, device=device, base_dir=base_dir, adapter_dir=adapter_dir)
+        if tokenizer is None:
+            raise ConfigError("a tokenizer is required when an LLM object is passed in")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        llm_hidden = self.llm.get_input_embeddings().weight.shape[1]
+        self.slide_encoder = HierarchicalSlideEncoder(config.encoder)
+        if config.projector == "qformer":
+            self.projector: nn.Module = QFormerProjector(config.qformer, llm_hidden)
+        else:
+            lc = config.linear
+            self.projector = LinearProjector(config.encoder.hidden_size, llm_hidden, lc.num_layers, lc.max_tokens,
+                                             lc.include_slide_tokens)
+        self.slide_encoder.to(device)
+        self.projector.to(device)
+        self.checkpoint_dir: Path | None = base_dir  # where patch encoder weights etc. are resolved from
+        self._stop_ids: set[int] | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return self.slide_encoder.patch_proj.weight.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def num_slide_tokens(self) -> int | None:
+        """K for the Q-Former; None for the linear baseline (one token per patch)."""
+        return self.config.qformer.num_query_tokens if self.config.projector == "qformer" else None
+
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end an assistant turn (eos of the tokenizer and generation config, template end tokens)."""
+        if self._stop_ids is None:
+            ids: set[int] = set()
+            for source in (getattr(self.llm, "generation_config", None), self.tokenizer):
+                eos = getattr(source, "eos_token_id", None)
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+            vocab = self.tokenizer.get_vocab()
+            for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+                if tok in vocab:
+                    ids.add(vocab[tok])
+            self._stop_ids = ids
+        return self._stop_ids
+
+    # ------------------------------------------------------------------ slide side
+    def encode_features(self, slide_features: Sequence[torch.Tensor], slide_coords: Sequence[torch.Tensor | None] | None = None,
+                        patch_sizes_level0: Sequence[float | None] | None = None, output_attentions: bool = False
+                        ) -> tuple[list[SlideEncoderOutput], ProjectorOutput]:
+        """Slide encoder + projector for a batch of slides. Returns the encodings and the projected tokens."""
+        n = len(slide_features)
+        coords = list(slide_coords) if slide_coords is not None else [None] * n
+        sizes = list(patch_sizes_level0) if patch_sizes_level0 is not None else [None] * n
+        encodings = []
+        for f, c, ps in zip(slide_features, coords, sizes):
+            f = torch.as_tensor(f).to(self.device)
+            c = None if c is None else torch.as_tensor(c)
+            encodings.append(self.slide_encoder(f, c, ps))
+        if self.config.projector == "qformer":
+            memory, mask = pad_and_stack([e.tokens() for e in encodings])
+            proj = self.projector(memory, mask, output_attentions=output_attentions)
+        else:
+            proj = self.projector(encodings)
+        proj.tokens = [t.to(self.llm_dtype) for t in proj.tokens]
+        return encodings, proj
+
+    # ------------------------------------------------------------------ text side
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The LLM's chat template applied to ``messages`` (with the configured system prompt) as a string."""
+        msgs = list(messages)
+        system = prompts.SYSTEM_PROMPT if self.config.system_prompt is None else self.config.system_prompt
+        if system and (not msgs or msgs[0]["role"] != "system"):
+            msgs = [{"role": "system", "content": system}] + msgs
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenise ``text`` with the placeholder becoming ``SLIDE_TOKEN_ID`` (no special tokens added)."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(prompts.SLIDE_PLACEHOLDER)):
+            if i:
+                ids.append(SLIDE_TOKEN_ID)
+            if part:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                              with_slide: bool = True) -> dict[str, torch.Tensor]:
+        """Chat-template a conversation into ``input_ids`` (1-D, one ``SLIDE_TOKEN_ID`` for the slide) and ``labels``
+        (-100 everywhere except the assistant turns' tokens, their end-of-turn token included)."""
+        msgs = normalise_messages(messages, with_slide=with_slide)
+        full = self.render(msgs, add_generation_prompt=add_generation_prompt)
+        spans: list[tuple[int, int]] = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.render(msgs[:i], add_generation_prompt=True))
+            end_text = self.render(msgs[: i + 1])
+            if not full.startswith(end_text) or not end_text.startswith(full[:start]):
+                raise ConfigError("this LLM's chat template is not prefix-stable across turns; cannot mask labels")
+            spans.append((start, len(end_text)))
+        ids: list[int] = []
+        labels: list[int] = []
+        pos = 0
+        for start, end in spans + [(len(full), len(full))]:
+            prompt_ids = self.encode_text(full[pos:start])
+            answer_ids = self.encode_text(full[start:end])
+            ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            pos = end
+        labels = [IGNORE_INDEX if t == SLIDE_TOKEN_ID else t for t in labels]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, slide_tokens: Sequence[torch.Tensor],
+                            attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each row's ``SLIDE_TOKEN_ID`` with that row's slide tokens; right-pad. Returns (embeds, mask, labels)."""
+        embed = self.llm.get_input_embeddings()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows_e, rows_m, rows_l = [], [], []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b]
+            tok_emb = embed(ids.clamp_min(0).to(embed.weight.device))
+            where = (ids == SLIDE_TOKEN_ID).nonzero().flatten().tolist()
+            if len(where) > 1:
+                raise DataError("a conversation may hold only one <slide> placeholder")
+            m, lab = attention_mask[b].to(tok_emb.device), None if labels is None else labels[b].to(tok_emb.device)
+            if where:
+                p = where[0]
+                st = slide_tokens[b].to(tok_emb.dtype)
+                tok_emb = torch.cat([tok_emb[:p], st, tok_emb[p + 1 :]], dim=0)
+                m = torch.cat([m[:p], m.new_ones(st.shape[0]), m[p + 1 :]])
+                if lab is not None:
+                    lab = torch.cat([lab[:p], lab.new_full((st.shape[0],), IGNORE_INDEX), lab[p + 1 :]])
+            rows_e.append(tok_emb)
+            rows_m.append(m)
+            rows_l.append(lab)
+        embeds, valid = pad_and_stack(rows_e)
+        mask, _ = pad_and_stack(rows_m)
+        mask = mask * valid
+        out_labels = None
+        if labels is not None:
+            out_labels, _ = pad_and_stack(rows_l)
+            out_labels = out_labels.masked_fill(~valid, IGNORE_INDEX)
+        return embeds, mask.long(), out_labels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, slide_features: Sequence[torch.Tensor] | None = None,
+                slide_coords: Sequence[torch.Tensor | None] | None = None, **llm_kwargs):
+        """Training/eval forward: the LLM output (``.loss`` when labels are given, ``.logits``)."""
+        if slide_features is None:
+            if (input_ids == SLIDE_TOKEN_ID).any():
+                raise DataError("input_ids hold a <slide> placeholder but no slide_features were given")
+            slide_tokens: list[torch.Tensor] = []
+        else:
+            if len(slide_features) != input_ids.shape[0]:
+                raise DataError(f"{len(slide_features)} slides for a batch of {input_ids.shape[0]} conversations")
+            _, proj = self.encode_features(slide_features, slide_coords)
+            slide_tokens = proj.tokens
+        embeds, mask, labels = self.build_inputs_embeds(input_ids, slide_tokens, attention_mask, labels)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
+
+    # ------------------------------------------------------------------ inference (implemented in slidechat.inference)
+    def encode_slide(self, path_or_h5, *, mpp: float | None = None, progress=None, cache_dir=None):
+        """Features of a slide file (tiles + encodes, cached by sha256) or a ``.h5`` / SlideChat ``.csv``."""
+        from slidechat.inference.encode import encode_slide
+
+        return encode_slide(self, path_or_h5, mpp=mpp, progress=progress, cache_dir=cache_dir)
+
+    def chat(self, slide, **kwargs):
+        """Start a multi-turn ``Conversation`` about ``slide`` (an EncodedSlide, SlideFeatures, or a path)."""
+        from slidechat.inference.conversation import Conversation
+
+        return Conversation(self, slide, **kwargs)
+
+    def report(self, slide, **kwargs):
+        """A structured report (``.fields``, ``.text``, ``.to_markdown()``) from targeted questions."""
+        from slidechat.inference.report import generate_report
+
+        return generate_report(self, slide, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Slide encoder + projector weights (what ``model.safetensors`` holds)."""
+        sd = {f"slide_encoder.{k}": v for k, v in self.slide_encoder.state_dict().items()}
+        sd.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+    def patch_encoder_weights_path(self) -> Path | None:
+        ref = self.config.patch_encoder
+        if ref is None or not ref.weights:
+            return None
+        p = Path(ref.weights)
+        if not p.is_absolute() and self.checkpoint_dir is not None:
+            p = self.checkpoint_dir / p
+        return p
+
+    def save_pretrained(self, save_dir: str | Path) -> Path:
+        """Write the checkpoint folder (see module docstring). Returns its path."""
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        cfg = SlideAssistantConfig.from_dict(json.loads(json.dumps(self.config.to_dict())))
+        with atomic_path(save_dir / WEIGHTS_NAME) as tmp:
+            save_file(self.trainable_state_dict(), str(tmp), metadata={"format": "pt", "slidechat": "1"})
+        src = self.patch_encoder_weights_path()
+        if src is not None:
+            if not src.exists():
+                raise CheckpointError(f"patch encoder weights {src} are missing; cannot save the checkpoint")
+            dst = save_dir / PATCH_ENCODER_WEIGHTS_NAME
+            if src.resolve() != dst.resolve():
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
+            cfg.patch_encoder.weights = PATCH_ENCODER_WEIGHTS_NAME
+        if self.config.llm.mode == "lora":
+            self.llm.save_pretrained(str(save_dir / "adapter"))
+        elif self.config.llm.mode == "full":
+            self.llm.save_pretrained(str(save_dir / "llm"))
+            self.tokenizer.save_pretrained(str(save_dir / "llm"))
+            cfg.llm.name_or_path = "llm"
+        write_json_atomic(save_dir / CONFIG_NAME, cfg.to_dict())
+        return save_dir
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, device: str | torch.device | None = None,
+                        llm_overrides: dict[str, Any] | None = None, llm: nn.Module | None = None,
+                        tokenizer=None) -> "SlideAssistant":
+        """Load a checkpoint folder. Raises ``CheckpointError`` when it is missing, corrupt or does not match.
+
+        ``llm_overrides`` changes LLM config fields (e.g. ``{"mode": "lora"}`` to start stage 2 from a stage-1
+        checkpoint, or ``{"name_or_path": ...}`` to point at a moved LLM folder).
+        """
+        d = Path(checkpoint_dir).expanduser()
+        cfg_path = d / CONFIG_NAME
+        if not d.is_dir() or not cfg_path.is_file():
+            raise CheckpointError(f"{d} is not a slidechat checkpoint folder (no {CONFIG_NAME}); "
+                                  "give the folder written by save_pretrained or `slidechat train`")
+        try:
+            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if llm_overrides:
+                raw.setdefault("llm", {}).update(llm_overrides)
+            config = SlideAssistantConfig.from_dict(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, SlideChatError) as exc:
+            raise CheckpointError(f"{cfg_path} is not a valid slidechat config: {exc}") from exc
+        weights = d / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{d} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights} is corrupt or not a safetensors file: {exc}") from exc
+        adapter_dir = d / "adapter"
+        if config.llm.mode == "lora" and llm is None:
+            adapter_dir = adapter_dir if (adapter_dir / "adapter_config.json").is_file() else None
+            if adapter_dir is None and not llm_overrides:
+                raise CheckpointError(f"{d}: the config says LoRA but adapter/ is missing or incomplete")
+        model = cls(config, device=device, llm=llm, tokenizer=tokenizer, adapter_dir=adapter_dir, base_dir=d)
+        model.load_trainable_state_dict(state, source=str(weights))
+        return model
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load slide encoder + projector weights strictly; mismatches become a ``CheckpointError``."""
+        enc = {k[len("slide_encoder."):]: v for k, v in state.items() if k.startswith("slide_encoder.")}
+        proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+        other = [k for k in state if not k.startswith(("slide_encoder.", "projector."))]
+        try:
+            if other:
+                raise RuntimeError(f"unexpected keys {other[:5]}")
+            self.slide_encoder.load_state_dict(enc, strict=True)
+            self.projector.load_state_dict(proj, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source} does not match the model in config.json: {str(exc)[:500]}") from exc

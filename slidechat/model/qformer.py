@@ -1,0 +1,269 @@
+"""QFormerProjector: K learned queries read the slide tokens and become K tokens in the LLM's embedding space.
+
+The Q-Former is the BLIP-2 design (post-LayerNorm BERT layers: self-attention over the queries, cross-attention
+to the slide tokens every ``cross_attention_frequency`` layers, a query feed-forward), with the **same module and
+parameter names as** ``transformers.Blip2QFormerModel`` (query-only path, ``use_qformer_text_input=False``), so a
+BLIP-2 Q-Former state dict loads into ``QFormerModel`` unchanged (tests compare outputs numerically).
+
+Differences from ``Blip2QFormerModel`` (none of them numerical):
+- cross-attention is computed over key chunks with log-sum-exp (online softmax) merging, so 100k slide tokens
+  never materialise the full [heads, K, N] score matrix unless attention maps are requested;
+- the key padding mask is a bool [B, L] mask (True = real token);
+- cross-attention probabilities are returned (per cross-attention layer, [B, heads, K, L]) for heatmaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidechat.model.config import QFormerConfig
+
+
+def _act(name: str):
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+            "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[name]
+
+
+def chunked_attention(q: torch.Tensor, k_fn, v_fn, length: int, key_mask: torch.Tensor | None, chunk: int,
+                      return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention of ``q`` [B, h, Lq, d] (already scaled) over ``length`` keys produced chunk by chunk.
+
+    ``k_fn(s, e)`` / ``v_fn(s, e)`` return keys / values [B, h, e - s, d] of the chunk [s, e); ``key_mask`` is
+    bool [B, length]. Returns the attention output [B, h, Lq, d] and, if asked, the probabilities [B, h, Lq, length].
+    """
+    out = None
+    run_max = run_sum = None
+    kept_scores = []
+    for s in range(0, length, chunk):
+        e = min(length, s + chunk)
+        scores = q @ k_fn(s, e).transpose(-1, -2)  # [B, h, Lq, c]
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, s:e], float("-inf"))
+        if return_probs:
+            kept_scores.append(scores)
+        c_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+        p = torch.exp(scores - c_max)
+        c_sum = p.sum(dim=-1, keepdim=True)
+        c_out = p @ v_fn(s, e)
+        if out is None:
+            out, run_max, run_sum = c_out, c_max, c_sum
+        else:
+            new_max = torch.maximum(run_max, c_max)
+            a, b = torch.exp(run_max - new_max), torch.exp(c_max - new_max)
+            out = out * a + c_out * b
+            run_sum = run_sum * a + c_sum * b
+            run_max = new_max
+    run_sum = run_sum.clamp_min(1e-30)
+    probs = None
+    if return_probs:
+        lse = run_max + torch.log(run_sum)
+        probs = torch.exp(torch.cat(kept_scores, dim=-1) - lse)
+    return out / run_sum, probs
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    """Names as ``Blip2QFormerMultiHeadAttention``: ``query``, ``key``, ``value``."""
+
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_in, config.hidden_size)
+        self.value = nn.Linear(kv_in, config.hidden_size)
+        self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, _ = x.shape
+        return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_mask: torch.Tensor | None = None, output_attentions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, lq, _ = hidden_states.shape
+        q = self._heads(self.query(hidden_states)) * (self.head_dim ** -0.5)
+        if encoder_hidden_states is None:  # self-attention over the K queries: small, plain softmax
+            k, v = self._heads(self.key(hidden_states)), self._heads(self.value(hidden_states))
+            probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            ctx = self.attn_dropout(probs) @ v
+            probs = probs if output_attentions else None
+        else:
+            enc = encoder_hidden_states
+            chunk = max(1, int(self.config.key_chunk_size))
+            ctx, probs = chunked_attention(
+                q, lambda s, e: self._heads(self.key(enc[:, s:e])), lambda s, e: self._heads(self.value(enc[:, s:e])),
+                enc.shape[1], encoder_mask, chunk, return_probs=output_attentions)
+        return ctx.transpose(1, 2).reshape(b, lq, -1), probs
+
+
+class QFormerSelfOutput(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerSelfOutput(config)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_mask=None, output_attentions=False):
+        ctx, probs = self.attention(hidden_states, encoder_hidden_states, encoder_mask, output_attentions)
+        return self.output(ctx, hidden_states), probs
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _act(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class QFormerOutput(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerOutput(config)
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_mask=None, output_attentions=False):
+        x, self_probs = self.attention(hidden_states, output_attentions=output_attentions)
+        cross_probs = None
+        if self.has_cross_attention:
+            x, cross_probs = self.crossattention(x, encoder_hidden_states, encoder_mask, output_attentions)
+        return self.output_query(self.intermediate_query(x), x), self_probs, cross_probs
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
+
+
+class QFormerModel(nn.Module):
+    """Query-only BLIP-2 Q-Former; state-dict compatible with ``transformers.Blip2QFormerModel``."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = QFormerEncoder(config)
+
+    def forward(self, query_embeds: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_mask: torch.Tensor | None = None, output_attentions: bool = False):
+        """Returns ``(last_hidden_state [B, K, Hq], cross_attentions tuple of [B, h, K, L] or ())``."""
+        x = self.dropout(self.layernorm(query_embeds))
+        enc = encoder_hidden_states.to(x.dtype)
+        cross = []
+        for layer in self.encoder.layer:
+            x, _, cp = layer(x, enc, encoder_mask, output_attentions)
+            if cp is not None:
+                cross.append(cp)
+        return x, tuple(cross)
+
+
+@dataclass
+class ProjectorOutput:
+    """Projected slide tokens for the LLM: one [T_i, H_llm] tensor per slide.
+
+    For the Q-Former, ``T_i = K`` and ``cross_attentions`` holds per-layer [B, heads, K, L] maps when requested.
+    """
+
+    tokens: list[torch.Tensor]
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class QFormerProjector(nn.Module):
+    """K learned queries (BLIP-2 ``query_tokens``) -> Q-Former -> ``language_projection`` to the LLM's hidden size."""
+
+    def __init__(self, config: QFormerConfig, llm_hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, config.hidden_size) * 0.02)
+        self.qformer = QFormerModel(config)
+        self.language_projection = nn.Linear(config.hidden_size, llm_hidden_size)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.qformer.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
+                output_attentions: bool = False) -> ProjectorOutput:
+        """``memory`` [B, L, H_enc] (all slide-encoder levels, padded), ``memory_mask`` bool [B, L]."""
+        b = memory.shape[0]
+        queries = self.query_tokens.expand(b, -1, -1)
+        hidden, cross = self.qformer(queries, memory, memory_mask, output_attentions)
+        tokens = self.language_projection(hidden)
+        return ProjectorOutput(tokens=list(tokens.unbind(0)), cross_attentions=cross if output_attentions else None)
+
+
+class LinearProjector(nn.Module):
+    """SlideChat-style baseline: every patch token (capped at ``max_tokens`` by uniform subsampling, + the slide
+    tokens if ``include_slide_tokens``) goes through an MLP into the LLM. Cost in the LLM grows with N."""
+
+    def __init__(self, encoder_hidden: int, llm_hidden: int, num_layers: int = 2, max_tokens: int = 38400,
+                 include_slide_tokens: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(encoder_hidden, llm_hidden)]
+        for _ in range(num_layers - 1):
+            layers += [nn.GELU(), nn.Linear(llm_hidden, llm_hidden)]
+        self.mlp = nn.Sequential(*layers)
+        self.max_tokens = max_tokens
+        self.include_slide_tokens = include_slide_tokens
+
+    def select(self, n: int, device=None) -> torch.Tensor:
+        """Indices of the patch tokens that are kept (uniform stride when over ``max_tokens``)."""
+        if self.max_tokens and n > self.max_tokens:
+            return torch.linspace(0, n - 1, self.max_tokens, device=device).round().long()
+        return torch.arange(n, device=device)
+
+    def forward(self, encodings) -> ProjectorOutput:
+        tokens = []
+        for enc in encodings:
+            x = enc.patch_tokens[self.select(enc.num_patches, enc.patch_tokens.device)]
+            if self.include_slide_tokens:
+                x = torch.cat([enc.slide_tokens, x], dim=0)
+            tokens.append(self.mlp(x))
+        return ProjectorOutput(tokens=tokens)
+
+
+def qformer_from_blip2_state_dict(projector: QFormerProjector, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a ``Blip2QFormerModel`` state dict into ``projector.qformer`` (strict; names are identical)."""
+    projector.qformer.load_state_dict(state_dict, strict=True)
+
+
+__all__ = ["QFormerProjector", "QFormerModel", "LinearProjector", "ProjectorOutput", "chunked_attention",
+           "qformer_from_blip2_state_dict"]

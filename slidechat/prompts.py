@@ -1,0 +1,40 @@
+"""Prompt templates: the system prompt, the slide placeholder, and the targeted questions behind ``report()``.
+
+Training data (SlideChat / LLaVA) marks the image with ``<image>``; we use ``<slide>``. Both are accepted
+everywhere and normalised to ``SLIDE_PLACEHOLDER``.
+"""
+
+from __future__ import annotations
+
+SLIDE_PLACEHOLDER = "<slide>"
+PLACEHOLDER_ALIASES = ("<image>", "<slide>", "<wsi>")
+
+SYSTEM_PROMPT = (
+    "You are SlideChat, an assistant for pathology whole-slide images. The slide is given to you as a "
+    "sequence of visual tokens. Answer concisely and only from what the slide shows."
+)
+
+# Targeted questions for the structured report: field -> question. Answers are parsed by slidechat.inference.report.
+REPORT_QUESTIONS: dict[str, str] = {
+    "tissue_types": "Which tissue types are present in this slide? Answer with a comma-separated list.",
+    "dominant_tissue": "Which tissue type covers the largest area of this slide? Answer with one tissue type.",
+    "lesion_present": "Is there a lesion in this slide? Answer yes or no.",
+    "lesion_class": "What type of lesion is present? Answer with one tissue type, or none.",
+    "lesion_location": "Where is the lesion located on the slide? Answer with a position such as upper left, "
+                       "lower right or center.",
+    "tumor_fraction": "What fraction of the tissue is tumour? Answer with a percentage.",
+    "summary": "Write a short pathology report describing this slide.",
+}
+
+REPORT_TITLE = "Slide report"
+
+# Used by `slidechat chat` when no question is typed yet.
+CHAT_GREETING = "Ask a question about the slide (empty line or Ctrl-D to quit, /reset to start over)."
+
+
+def normalise_placeholder(text: str) -> str:
+    """Replace any accepted placeholder spelling (``<image>``, ``<wsi>``) with ``<slide>``."""
+    for alias in PLACEHOLDER_ALIASES:
+        if alias != SLIDE_PLACEHOLDER:
+            text = text.replace(alias, SLIDE_PLACEHOLDER)
+    return text
