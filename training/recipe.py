@@ -1,0 +1,248 @@
+"""Training recipes: dataclass configs loaded from YAML.
+
+A *stage recipe* trains one stage (0: contrastive, 1: alignment, 2: instruction tuning).
+A *pipeline recipe* (``kind: pipeline``) prepares data from nothing (SynthSlide, demo CNN, feature
+extraction) and then runs a list of stage recipes, each starting from the previous stage's checkpoint.
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slidechat.errors import ConfigError
+
+
+@dataclass
+class DataSource:
+    """One training file. ``kind``: ``instructions`` (LLaVA/SlideInstruction JSON list),
+    ``captions`` (JSONL {slide_id, caption}), ``reports`` (JSONL {slide_id, report_text})."""
+
+    path: str
+    kind: str = "instructions"
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("instructions", "captions", "reports"):
+            raise ConfigError(f"data source kind {self.kind!r}: use instructions, captions or reports")
+        if self.repeat < 1:
+            raise ConfigError("data source repeat must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    features_dir: str = ""
+    max_length: int = 1024          # tokens including the slide tokens
+    max_patches: int | None = None  # random subset of patches per sample (None = all)
+    multi_turn: bool = True         # False: split each conversation into single-turn samples
+    require_image_tag: bool = True  # LLaVA rule: the first human turn must contain <image>
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None            # optimizer steps; overrides epochs when set
+    batch_size: int = 4                     # per device
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_llm: float | None = None             # separate LR for LoRA/LLM params (default: lr)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"               # any transformers get_scheduler name
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: str = "auto"           # auto: bf16 on GPUs that support it, else fp16 on GPU, no on CPU
+    gradient_checkpointing: bool = False
+    train_llm: str = "frozen"               # frozen | lora | full
+    train_modules: list[str] = field(default_factory=lambda: ["slide_encoder", "projector"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    group_by_length: bool = True
+    num_workers: int = 0
+    save_every: int = 0                     # optimizer steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 10
+    threads: int | None = None              # torch.set_num_threads on CPU
+
+
+@dataclass
+class StageRecipe:
+    """One training stage."""
+
+    name: str = "stage"
+    stage: int = 1
+    output_dir: str = "runs/stage"
+    init_from: str | None = None            # previous stage checkpoint (None: a fresh model)
+    model: dict[str, Any] = field(default_factory=dict)  # kwargs for a fresh model (model package config)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    contrastive: dict[str, Any] = field(default_factory=dict)  # stage 0 options (see training.contrastive)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2):
+            raise ConfigError(f"stage must be 0, 1 or 2, got {self.stage}")
+        if self.train.train_llm not in ("frozen", "lora", "full"):
+            raise ConfigError(f"train.train_llm {self.train.train_llm!r}: use frozen, lora or full")
+
+
+@dataclass
+class SynthStep:
+    n: int = 32
+    seed: int = 1234
+    size: str = "tiny"
+
+
+@dataclass
+class PatchCNNStep:
+    patches_per_slide: int = 64
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass
+class ExtractStep:
+    target_mpp: float = 0.5
+    patch_size: int = 224
+    batch_size: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class PipelineRecipe:
+    """Data preparation from nothing, then stages; ``export`` copies the final checkpoint."""
+
+    name: str = "pipeline"
+    output_dir: str = "runs/pipeline"
+    synth: SynthStep | None = None
+    patch_cnn: PatchCNNStep | None = None
+    extract: ExtractStep | None = None
+    stages: list[StageRecipe] = field(default_factory=list)
+    export: str | None = None
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Recursively construct dataclass ``cls`` from a dict, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where) if len(inner) == 1 else value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_convert(args[0], v, f"{where}[{i}]") if args else v for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(data: dict, base_dir: Path | None = None) -> StageRecipe | PipelineRecipe:
+    """Build a recipe from a parsed YAML mapping (``kind: pipeline`` or a stage recipe)."""
+    data = dict(data)
+    kind = data.pop("kind", "stage")
+    if kind == "pipeline":
+        return _build(PipelineRecipe, data, "recipe")
+    if kind != "stage":
+        raise ConfigError(f"recipe kind {kind!r}: use stage or pipeline")
+    return _build(StageRecipe, data, "recipe")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> StageRecipe | PipelineRecipe:
+    """Load a YAML recipe; ``overrides`` are ``dotted.key=yaml_value`` strings (e.g. ``train.lr=1e-4``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found; see training/recipes/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    for item in overrides or []:
+        apply_override(data, item)
+    return recipe_from_dict(data, base_dir=path.parent)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict (value parsed as YAML; list indices allowed: stages.1.train.lr)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: use key.path=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = key.strip().split(".")
+    node: Any = data
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def recipe_to_dict(recipe: StageRecipe | PipelineRecipe) -> dict:
+    """Plain dict (for saving next to a checkpoint)."""
+    out = dataclasses.asdict(recipe)
+    out["kind"] = "pipeline" if isinstance(recipe, PipelineRecipe) else "stage"
+    return out
