@@ -26,3 +26,13 @@ def cmu_slide() -> Path:
 def test_output() -> Path:
     TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
     return TEST_OUTPUT
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """Four tiny SynthSlide slides (seed 0) with truth and text products; shared by the whole session."""
+    from slidechat.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, n=4, seed=0, size="tiny")
+    return out
