@@ -119,6 +119,23 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
+@torch.no_grad()
+def fixed_batches_loss(model, dataset, collator, n_batches: int, batch_size: int, device) -> float:
+    """Mean loss over the first ``n_batches`` batches of the dataset in index order (a fixed yardstick)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for b in range(n_batches):
+        idx = list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))
+        if not idx:
+            break
+        batch = collator([dataset[i] for i in idx])
+        if batch is not None:
+            losses.append(float(model(**_to_device(batch, device)).loss))
+    model.train(was_training)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
 def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | None = None,
                 accelerator=None) -> dict[str, Any]:
     """Train one stage; writes checkpoints, ``log.csv``, ``final/`` (the model) and ``metrics.json``.
@@ -205,6 +222,9 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
                 "samples_seen": samples_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
                 "skipped": skips.as_dict(), "recipe": recipe.name}
 
+    loss_before = None
+    if cfg.eval_batches and ckpt is None:
+        loss_before = fixed_batches_loss(model, dataset, collator, cfg.eval_batches, cfg.batch_size, accelerator.device)
     model.train()
     done = step >= total_steps
     while not done:
@@ -272,11 +292,15 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
 
     interrupted = step < total_steps
     accelerator.wait_for_everyone()
+    loss_after = None
+    if cfg.eval_batches and not interrupted:
+        loss_after = fixed_batches_loss(model, dataset, collator, cfg.eval_batches, cfg.batch_size, accelerator.device)
     metrics = {
         "recipe": recipe.name, "stage": recipe.stage, "steps": step, "total_steps": total_steps,
         "epochs": round(step / steps_per_epoch, 3), "train_samples": len(dataset),
         "first_loss": first_losses[0] if first_losses else None,
-        "final_loss": last_loss, "samples_seen": samples_seen, "tokens_seen": tokens_seen,
+        "final_loss": last_loss, "fixed_batches_loss_before": loss_before, "fixed_batches_loss_after": loss_after,
+        "samples_seen": samples_seen, "tokens_seen": tokens_seen,
         "wall_time_s": round(elapsed_before + time.perf_counter() - t0, 1),
         "tokens_per_s": round(tokens_seen / max(1e-9, elapsed_before + time.perf_counter() - t0), 1),
         "skipped": skips.as_dict(), "trainable_params": n_train, "total_params": n_total,

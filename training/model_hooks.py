@@ -1,9 +1,8 @@
-"""Everything the training loop needs from the model, through its public training hooks.
+"""Everything the training loop needs from the model, through its public API.
 
-The model package (``slidechat.model``) owns the network; training only calls the contract in
-docs/TEAM.md: ``tokenize_conversation``, ``forward(...)`` with ``.loss``, ``save_pretrained`` /
-``from_pretrained``. Anything else training needs (which parameters to train, LoRA on a stage-1
-checkpoint) lives here as functions taking the assistant.
+The model package (``slidechat.model``) owns the network; training calls the contract in docs/TEAM.md
+(``tokenize_conversation``, ``forward(...).loss``, ``save_pretrained`` / ``from_pretrained``) plus the config
+(``llm.mode`` frozen / lora / full). Which modules train is decided here, per recipe.
 """
 
 from __future__ import annotations
@@ -19,28 +18,49 @@ from training.recipe import StageRecipe
 
 log = logging.getLogger("training")
 
+TRAINABLE_MODULES = ("slide_encoder", "projector")
 
-def _model_config(recipe: StageRecipe):
+
+def _llm_overrides(recipe: StageRecipe) -> dict:
+    lora = recipe.train.lora
+    return {"mode": recipe.train.train_llm, "lora_r": lora.r, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "lora_target_modules": list(lora.target_modules),
+            "gradient_checkpointing": recipe.train.gradient_checkpointing}
+
+
+def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
+    """A fresh assistant from ``recipe.model`` or the previous stage's checkpoint (``init_from``), with the LLM in
+    the mode this stage trains it (frozen / lora / full). Built on CPU; accelerate moves it to the device."""
+    from slidechat.model.assistant import SlideAssistant
     from slidechat.model.config import SlideAssistantConfig
 
+    overrides = _llm_overrides(recipe)
+    if recipe.init_from:
+        if recipe.model:
+            raise ConfigError(f"recipe {recipe.name}: give either init_from or model, not both "
+                              "(the architecture comes from the previous stage's checkpoint)")
+        path = Path(recipe.init_from)
+        if (path / "adapter" / "adapter_config.json").is_file() and overrides["mode"] == "lora":
+            overrides = {"mode": "lora", "gradient_checkpointing": overrides["gradient_checkpointing"]}
+        return SlideAssistant.from_pretrained(path, device=device, llm_overrides=overrides)
     data = copy.deepcopy(recipe.model)
-    llm = data.setdefault("llm", {})
-    llm["mode"] = recipe.train.train_llm
-    lora = recipe.train.lora
-    llm.update({"lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-                "lora_target_modules": list(lora.target_modules)})
-    return SlideAssistantConfig.from_dict(data)
-
-
-def build_model(recipe: StageRecipe):
-    """A fresh assistant from ``recipe.model`` or the previous stage's checkpoint (``init_from``),
-    with the LLM in the mode this stage trains it (frozen / lora / full)."""
-    raise NotImplementedError
+    data.setdefault("llm", {}).update(overrides)
+    return SlideAssistant(SlideAssistantConfig.from_dict(data), device=device)
 
 
 def configure_trainable(model, recipe: StageRecipe) -> None:
-    """requires_grad only on the modules the recipe trains (+ the LLM's LoRA / all LLM weights)."""
-    raise NotImplementedError
+    """requires_grad on the recipe's ``train_modules``; the LLM per its mode (LoRA weights only / all / none)."""
+    wanted = set(recipe.train.train_modules)
+    unknown = wanted - set(TRAINABLE_MODULES)
+    if unknown:
+        raise ConfigError(f"train.train_modules {sorted(unknown)}: choose from {list(TRAINABLE_MODULES)}")
+    for name in TRAINABLE_MODULES:
+        getattr(model, name).requires_grad_(name in wanted)
+    mode = recipe.train.train_llm
+    for n, p in model.llm.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in n))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"recipe {recipe.name}: nothing to train (train_modules empty and LLM frozen)")
 
 
 def llm_param_prefixes(model) -> list[str]:
@@ -48,7 +68,11 @@ def llm_param_prefixes(model) -> list[str]:
 
 
 def enable_gradient_checkpointing(model) -> None:
-    raise NotImplementedError
+    """Activation checkpointing in the LLM; inputs need grads so a frozen/LoRA LLM still backpropagates."""
+    llm = model.llm
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
 
 
 def tokenize(model, messages: list[dict[str, str]]) -> dict:
@@ -56,12 +80,19 @@ def tokenize(model, messages: list[dict[str, str]]) -> dict:
 
 
 def extra_slide_tokens(model) -> int:
-    """How many positions the slide placeholder adds (K slide tokens - 1)."""
-    raise NotImplementedError
+    """Positions the slide placeholder grows by: K - 1 for the Q-Former. The linear projector adds one token per
+    patch (capped by ``linear.max_tokens``): counted as that cap, so ``max_length`` is an upper bound."""
+    k = model.num_slide_tokens
+    if k is None:
+        cap = model.config.linear.max_tokens or 0
+        return max(0, cap + model.config.encoder.num_slide_tokens - 1)
+    return k - 1
 
 
 def pad_token_id(model) -> int:
-    raise NotImplementedError
+    tok = model.tokenizer
+    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pid if pid is not None else 0)
 
 
 def save_model(model, out_dir: Path, accelerator=None) -> None:

@@ -77,6 +77,7 @@ class TrainConfig:
     save_every: int = 0                     # optimizer steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 10
+    eval_batches: int = 0                   # loss on the first N batches (fixed order) before and after training
     threads: int | None = None              # torch.set_num_threads on CPU
 
 
