@@ -302,7 +302,8 @@ class SlideConversationDataset(torch.utils.data.Dataset):
     def __init__(self, samples: Iterable[TrainSample], tokenize: Tokenize, resolver: FeatureResolver,
                  *, max_length: int, extra_tokens: int = 0, max_patches: int | None = None,
                  seed: int = 0, skips: SkipCounter | None = None,
-                 feature_cache: FeatureCache | None = None) -> None:
+                 feature_cache: FeatureCache | None = None, grounding_dir: str | Path | None = None) -> None:
+        self.grounding_dir = Path(grounding_dir) if grounding_dir else None
         self.skips = skips if skips is not None else SkipCounter()
         self.max_patches = max_patches
         self.seed = seed
@@ -328,7 +329,7 @@ class SlideConversationDataset(torch.utils.data.Dataset):
             if len(ids) + extra_tokens > max_length:
                 self.skips.add("too_long", s.id)
                 continue
-            self.items.append({"id": s.id, "path": path, "input_ids": ids, "labels": labels,
+            self.items.append({"id": s.id, "path": path, "key": s.slide_key, "input_ids": ids, "labels": labels,
                                "length": len(ids) + extra_tokens})
 
     def __len__(self) -> int:
@@ -349,13 +350,25 @@ class SlideConversationDataset(torch.utils.data.Dataset):
             log.warning("skipping %s: cannot read features %s (%s)", item["id"], item["path"], exc)
             self.skips.add("unreadable_features", item["id"])
             return None
+        targets = self._targets(item, feats.shape[0])
         if self.max_patches and feats.shape[0] > self.max_patches:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
             keep = torch.randperm(feats.shape[0], generator=g)[: self.max_patches].sort().values
             feats = feats[keep]
             coords = coords[keep] if coords is not None else None
+            targets = targets[keep] if targets is not None else None
         return {"id": item["id"], "input_ids": item["input_ids"], "labels": item["labels"],
-                "slide_features": feats, "slide_coords": coords}
+                "slide_features": feats, "slide_coords": coords, "patch_targets": targets}
+
+    def _targets(self, item: dict, n: int) -> torch.Tensor | None:
+        """Per-patch grounding targets from ``grounding_dir/<slide>.npy`` (None when absent or mismatched)."""
+        if self.grounding_dir is None:
+            return None
+        p = self.grounding_dir / f"{item['key']}.npy"
+        if not p.exists():
+            return None
+        t = torch.from_numpy(np.load(p).astype(np.float32)).flatten()
+        return t if t.shape[0] == n else None
 
 
 class Collator:
@@ -379,4 +392,5 @@ class Collator:
             mask[i, :L] = 1
         return {"ids": [it["id"] for it in items], "input_ids": ids, "attention_mask": mask, "labels": labels,
                 "slide_features": [it["slide_features"] for it in items],
-                "slide_coords": [it["slide_coords"] for it in items]}
+                "slide_coords": [it["slide_coords"] for it in items],
+                "patch_targets": [it.get("patch_targets") for it in items]}

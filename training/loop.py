@@ -25,6 +25,7 @@ from slidechat.errors import ConfigError, DataError
 from slidechat.utils.io import write_json_atomic
 from training import model_hooks
 from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from training.grounding import forward_with_grounding
 from training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
 from training.logger import TrainLogger
 from training.recipe import StageRecipe, recipe_to_dict
@@ -82,7 +83,7 @@ def build_dataset(recipe: StageRecipe, model, skips: SkipCounter) -> SlideConver
     dataset = SlideConversationDataset(
         samples, lambda msgs: model_hooks.tokenize(model, msgs), FeatureResolver(cfg.features_dir),
         max_length=cfg.max_length, extra_tokens=model_hooks.extra_slide_tokens(model),
-        max_patches=cfg.max_patches, seed=recipe.train.seed, skips=skips)
+        max_patches=cfg.max_patches, seed=recipe.train.seed, skips=skips, grounding_dir=cfg.grounding_dir)
     if len(dataset) == 0:
         raise DataError(f"recipe {recipe.name}: no usable training samples ({skips.summary()})")
     return dataset
@@ -109,14 +110,17 @@ def _param_groups(model, cfg) -> list[dict]:
     return [g for g in out if g["params"]]
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {
+def _to_device(batch: dict, device: torch.device, with_targets: bool = False) -> dict:
+    out = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
         "labels": batch["labels"].to(device),
         "slide_features": [f.to(device) for f in batch["slide_features"]],
         "slide_coords": [c.to(device) if c is not None else None for c in batch["slide_coords"]],
     }
+    if with_targets:
+        out["patch_targets"] = [t.to(device) if t is not None else None for t in batch.get("patch_targets", [])]
+    return out
 
 
 @torch.no_grad()
@@ -222,6 +226,10 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
                 "samples_seen": samples_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
                 "skipped": skips.as_dict(), "recipe": recipe.name}
 
+    grounding = cfg.grounding_weight > 0 and recipe.data.grounding_dir is not None
+    if grounding and unwrapped.num_slide_tokens is None:
+        log.warning("[%s] grounding loss needs the Q-Former projector; ignored", recipe.name)
+        grounding = False
     loss_before = None
     if cfg.eval_batches and ckpt is None:
         loss_before = fixed_batches_loss(model, dataset, collator, cfg.eval_batches, cfg.batch_size, accelerator.device)
@@ -239,7 +247,11 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
             if batch is None:
                 continue
             with accelerator.accumulate(model):
-                out = model(**_to_device(batch, accelerator.device))
+                if grounding:
+                    out = forward_with_grounding(model, _to_device(batch, accelerator.device, True),
+                                                 cfg.grounding_weight, cfg.grounding_target)
+                else:
+                    out = model(**_to_device(batch, accelerator.device))
                 loss = out.loss
                 if not torch.isfinite(loss):
                     raise DataError(f"non-finite loss at step {step} (batch {batch['ids'][:3]}); lower train.lr")

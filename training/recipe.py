@@ -44,6 +44,7 @@ class DataConfig:
     max_patches: int | None = None  # random subset of patches per sample (None = all)
     multi_turn: bool = True         # False: split each conversation into single-turn samples
     require_image_tag: bool = True  # LLaVA rule: the first human turn must contain <image>
+    grounding_dir: str | None = None  # <slide>.npy per-patch targets (rows of the features) for train.grounding_weight
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     save_every: int = 0                     # optimizer steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 10
+    grounding_weight: float = 0.0           # > 0: Q-Former attention pulled onto data.grounding_dir targets
+    grounding_target: float = 0.5           # attention mass on the targets at which that loss stops
     eval_batches: int = 0                   # loss on the first N batches (fixed order) before and after training
     threads: int | None = None              # torch.set_num_threads on CPU
 

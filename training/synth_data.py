@@ -1,0 +1,139 @@
+"""Training conversations for the demo, built from a SynthSlide folder's ground truth (``truth.jsonl``).
+
+Three kinds of single-turn samples, each in the format the rest of the system asks with:
+
+* **multiple choice** in the SlideBench / ``slidechat eval`` prompt format (question, ``A. ...`` lines, "Answer with
+  the option's letter ..."), several shuffles of the options per slide; the answer names the option and then
+  its letter, ``"lower-left (C)"`` (the option text is the supervision on the slide's content; the letter makes it
+  a choice);
+* the **report questions** of ``slidechat.prompts.REPORT_QUESTIONS`` (what ``assistant.report()`` asks), with short
+  answers in the form its parser reads;
+* the generator's own open questions / conversations (``instructions.json``) for free-text chat.
+
+Written as a LLaVA/SlideInstruction JSON list, so the demo trains through the same loader as SlideChat's data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from slidechat.utils.io import read_jsonl, write_json_atomic
+
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def format_mcq(question: str, options: list[str]) -> str:
+    """The closed-VQA prompt (same text as ``evaluation.slidebench.format_mcq_prompt``)."""
+    lines = [question.strip()] + [f"{letter}. {text}" for letter, text in zip("ABCD", options) if text]
+    lines.append(MCQ_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def mcq_answer(options: list[str], letter: str) -> str:
+    return f"{options['ABCD'.index(letter)]} ({letter})"
+
+
+def report_answers(truth: dict, caption: str | None) -> dict[str, str]:
+    """Short answers to the report questions (field -> answer), from the truth record."""
+    from slidechat.synth import text as T
+    from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY
+
+    _, fields = T.report(truth)
+    les = truth["lesion"]
+    answers = {
+        "tissue_types": ", ".join(fields["tissue_types"]),
+        "dominant_tissue": fields["dominant_tissue"] or DISPLAY_NAMES.get(truth.get("dominant_class") or "", "none"),
+        "lesion_present": "yes" if les else "no",
+        "lesion_type": LESION_DISPLAY[les["class"]] if les else "none",
+        "lesion_class": LESION_DISPLAY[les["class"]] if les else "none",
+        "lesion_location": les["quadrant"] if les else "none",
+        "tumor_fraction_percent": f"{round(100 * truth['tumor_fraction'])}%",
+        "tumor_fraction": f"{round(100 * truth['tumor_fraction'])}%",
+    }
+    if caption:
+        answers["summary"] = caption
+    return answers
+
+
+def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 4,
+                            report_questions: bool = True, open_questions: bool = True, seed: int = 0) -> dict:
+    """Write the demo's stage-2 instruction JSON from a SynthSlide folder; returns counts per kind."""
+    from slidechat import prompts
+    from slidechat.synth import text as T
+
+    synth_dir = Path(synth_dir)
+    truths = read_jsonl(synth_dir / "truth.jsonl")
+    captions = {r["slide_id"]: r["caption"] for r in read_jsonl(synth_dir / "captions.jsonl")}
+    records: list[dict] = []
+    counts = {"mcq": 0, "report": 0, "open": 0}
+
+    def add(rid: str, slide_id: str, question: str, answer: str) -> None:
+        records.append({"id": rid, "image": [f"{slide_id}.tiff"], "conversations": [
+            {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+
+    for t in truths:
+        sid = t["slide_id"]
+        for r in range(mcq_rounds):
+            rng = np.random.default_rng([seed, t["index"], r, 17])
+            qs = T.assign_letters(T.closed_questions(t, rng), rng)
+            for k, q in enumerate(qs):
+                add(f"{sid}-mcq{r}-{k}", sid, format_mcq(q["question"], q["options"]), mcq_answer(q["options"], q["answer"]))
+                counts["mcq"] += 1
+        if report_questions:
+            answers = report_answers(t, captions.get(sid))
+            for field, question in prompts.REPORT_QUESTIONS.items():
+                if field in answers:
+                    add(f"{sid}-report-{field}", sid, question, answers[field])
+                    counts["report"] += 1
+    if open_questions and (synth_dir / "open_vqa.jsonl").exists():
+        for q in read_jsonl(synth_dir / "open_vqa.jsonl"):
+            add(q["id"], q["slide_id"], q["question"], q["answer"])
+            counts["open"] += 1
+    order = np.random.default_rng(seed).permutation(len(records))
+    write_json_atomic(Path(out_path), [records[i] for i in order], indent=None)
+    return counts
+
+
+def lesion_patch_targets(truth: dict, synth_dir: Path, coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
+    """Fraction of each patch (level-0 top-left ``coords``) inside the slide's lesion mask; zeros without a lesion."""
+    from PIL import Image
+
+    if not truth.get("lesion"):
+        return np.zeros(len(coords), dtype=np.float32)
+    mask = np.asarray(Image.open(synth_dir / truth["mask_path"])) > 0
+    ds = float(truth["mask_downsample"])
+    # integral image -> mean of the mask over each patch footprint, vectorised over patches
+    ii = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+    x0 = np.clip(np.floor(coords[:, 0] / ds).astype(int), 0, w)
+    y0 = np.clip(np.floor(coords[:, 1] / ds).astype(int), 0, h)
+    x1 = np.clip(np.ceil((coords[:, 0] + patch_size_level0) / ds).astype(int), 0, w)
+    y1 = np.clip(np.ceil((coords[:, 1] + patch_size_level0) / ds).astype(int), 0, h)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    return (inside / area).astype(np.float32)
+
+
+def write_grounding_targets(synth_dir: str | Path, features_dir: str | Path, out_dir: str | Path) -> int:
+    """``<out_dir>/<slide_id>.npy``: per-patch lesion fraction aligned with each slide's feature rows."""
+    from slidechat.features.store import load_features
+
+    synth_dir, features_dir, out_dir = Path(synth_dir), Path(features_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for t in read_jsonl(synth_dir / "truth.jsonl"):
+        h5 = features_dir / f"{t['slide_id']}.h5"
+        if not h5.exists():
+            continue
+        sf = load_features(h5)
+        ps = float(sf.attrs.get("patch_size_level0") or 0) or 224.0
+        np.save(out_dir / f"{t['slide_id']}.npy", lesion_patch_targets(t, synth_dir, sf.coords, ps))
+        n += 1
+    return n
+
+
+def dump_counts(counts: dict) -> str:
+    return json.dumps(counts)
