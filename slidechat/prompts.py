@@ -18,13 +18,14 @@ SYSTEM_PROMPT = (
 REPORT_QUESTIONS: dict[str, str] = {
     "tissue_types": "Which tissue types are present in this slide? Answer with a comma-separated list.",
     "dominant_tissue": "Which tissue type covers the largest area of this slide? Answer with one tissue type.",
-    "lesion_present": "Is there a lesion in this slide? Answer yes or no.",
-    "lesion_class": "What type of lesion is present? Answer with one tissue type, or none.",
-    "lesion_location": "Where is the lesion located on the slide? Answer with a position such as upper left, "
-                       "lower right or center.",
-    "tumor_fraction": "What fraction of the tissue is tumour? Answer with a percentage.",
+    "lesion_present": "Is there a focal lesion in this slide? Answer yes or no.",
+    "lesion_type": "Which focal lesion does this slide show? Answer with the lesion type, or none.",
+    "lesion_location": "In which quadrant of the slide is the lesion? Answer upper-left, upper-right, lower-left "
+                       "or lower-right.",
+    "tumor_fraction_percent": "What percentage of the tissue area is tumour? Answer with a percentage.",
     "summary": "Write a short pathology report describing this slide.",
 }
+# Field names follow the structured reports of SlideSynth (slidechat.synth.text.report) so they can be scored.
 
 REPORT_TITLE = "Slide report"
 

@@ -1,0 +1,238 @@
+"""Multi-turn chat about one slide with streaming and key/value reuse.
+
+A ``Conversation`` keeps the LLM's past key/values (a transformers ``DynamicCache``) of every token already
+processed: system prompt, slide tokens, earlier questions and answers. A new turn renders the whole conversation
+with the chat template, finds the longest common prefix with what is already in the cache (cropping the cache if the
+template re-tokenised an earlier answer differently), and feeds only the rest, so turn 2's time to first token
+depends on the new question, not on the slide size or the history. ``kv_reuse=False`` recomputes everything
+each turn (the reference the tests compare against).
+
+Decoding is a small loop over ``llm(...)`` calls (greedy by default; temperature / top-p sampling optional); it
+is a generator, so ``ask(..., stream=True)`` yields text pieces as tokens arrive and ``ask(...)`` joins them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from slidechat.errors import SlideChatError
+from slidechat.inference.encode import EncodedSlide, as_encoded_slide
+from slidechat.model.assistant import SLIDE_TOKEN_ID, normalise_messages
+from slidechat.model.slide_encoder import SlideEncoderOutput
+
+
+@dataclass
+class SlideState:
+    """A slide after the slide encoder and projector: what every conversation about it reuses."""
+
+    slide: EncodedSlide
+    encoding: SlideEncoderOutput
+    tokens: torch.Tensor  # [T, H_llm] projected slide tokens
+    cross_attention: torch.Tensor | None  # [layers, K, L] mean over heads (Q-Former only)
+    selected_patches: torch.Tensor | None  # linear projector: indices of the patch tokens fed to the LLM
+
+
+@torch.no_grad()
+def prepare_slide(assistant, slide) -> SlideState:
+    """Run the slide encoder + projector once for ``slide`` (cached on the assistant by sha256, last 4 slides)."""
+    enc_slide = as_encoded_slide(assistant, slide)
+    cache: dict = assistant.__dict__.setdefault("_slide_states", {})
+    if enc_slide.sha256 in cache:
+        return cache[enc_slide.sha256]
+    feats = enc_slide.features
+    f = torch.from_numpy(np.ascontiguousarray(feats.features, dtype=np.float32))
+    c = None if feats.coords is None else torch.from_numpy(np.asarray(feats.coords, dtype=np.int64))
+    qformer = assistant.config.projector == "qformer"
+    was_training = assistant.training
+    assistant.eval()
+    try:
+        encodings, proj = assistant.encode_features([f], [c], [enc_slide.patch_size_level0], output_attentions=qformer)
+    finally:
+        assistant.train(was_training)
+    cross = None
+    if qformer and proj.cross_attentions:
+        cross = torch.stack([a[0].float().mean(dim=0) for a in proj.cross_attentions]).cpu()  # [layers, K, L]
+    selected = None if qformer else assistant.projector.select(encodings[0].num_patches).cpu()
+    state = SlideState(slide=enc_slide, encoding=encodings[0], tokens=proj.tokens[0], cross_attention=cross,
+                       selected_patches=selected)
+    if len(cache) >= 4:
+        cache.pop(next(iter(cache)))
+    cache[enc_slide.sha256] = state
+    return state
+
+
+def cache_kwarg(llm) -> str:
+    """Name of the key/value cache argument of the LLM's forward (``cache`` in recent transformers)."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def crop_cache(cache, tokens_to_remove: int) -> bool:
+    """Drop the last ``tokens_to_remove`` positions of a DynamicCache in place; False when that is not exact
+    (sliding-window layers, e.g. Gemma 3) so the caller recomputes instead."""
+    if tokens_to_remove <= 0:
+        return True
+    sliding = getattr(cache, "is_sliding", False)
+    if (any(sliding) if isinstance(sliding, (list, tuple)) else sliding) or not hasattr(cache, "crop"):
+        return False
+    try:
+        cache.crop(-tokens_to_remove)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.nonzero(x != y)[0]
+    return int(diff[0]) if diff.size else n
+
+
+class Conversation:
+    """Chat about one slide: ``ask``, ``heatmap``, ``messages``, ``reset``."""
+
+    def __init__(self, assistant, slide, kv_reuse: bool = True, max_new_tokens: int = 256) -> None:
+        self.assistant = assistant
+        self.state = prepare_slide(assistant, slide)
+        self.slide = self.state.slide
+        self.kv_reuse = kv_reuse
+        self.max_new_tokens = max_new_tokens
+        self.messages: list[dict[str, str]] = []
+        self._cache = None
+        self._fed: list[int] = []  # the token ids whose key/values are in the cache (slide positions = -200)
+        self._lock = threading.Lock()
+        self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
+
+    # ------------------------------------------------------------------ public
+    def reset(self) -> None:
+        """Forget the conversation (the slide encoding is kept)."""
+        self.messages = []
+        self._cache = None
+        self._fed = []
+
+    def ask(self, question: str, stream: bool = False, max_new_tokens: int | None = None,
+            temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+            seed: int | None = None) -> str | Iterator[str]:
+        """Ask a question. Returns the answer, or an iterator of text pieces when ``stream=True``.
+
+        Greedy decoding by default (``temperature=0``); the answer is appended to ``messages`` when it is complete
+        (or when a stream is abandoned, with what was produced so far).
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise SlideChatError("the question is empty; type a question about the slide")
+        gen = self._generate(question, max_new_tokens or self.max_new_tokens, temperature, top_p,
+                             repetition_penalty, seed)
+        return gen if stream else "".join(gen)
+
+    def heatmap(self, weighting: str = "uniform"):
+        """Per-patch relevance in [0, 1] with level-0 coords (see ``slidechat.inference.heatmap``)."""
+        from slidechat.inference.heatmap import conversation_heatmap
+
+        return conversation_heatmap(self, weighting=weighting)
+
+    # ------------------------------------------------------------------ internals
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat-templated ``messages`` + generation prompt, slide placeholder expanded to T ids."""
+        a = self.assistant
+        msgs = normalise_messages(messages)
+        ids = a.encode_text(a.render(msgs, add_generation_prompt=True))
+        t = int(self.state.tokens.shape[0])
+        if SLIDE_TOKEN_ID in ids:
+            p = ids.index(SLIDE_TOKEN_ID)
+            ids = ids[:p] + [SLIDE_TOKEN_ID] * t + ids[p + 1 :]
+        return ids
+
+    def _embed(self, ids: list[int], offset: int, full: list[int]) -> torch.Tensor:
+        """Input embeddings of ``full[offset:offset+len(ids)]`` (slide positions take the slide tokens)."""
+        a = self.assistant
+        embed = a.llm.get_input_embeddings()
+        t = torch.tensor(ids, dtype=torch.long, device=embed.weight.device)
+        out = embed(t.clamp_min(0))
+        slide_pos = (t == SLIDE_TOKEN_ID).nonzero().flatten()
+        if slide_pos.numel():
+            start = full.index(SLIDE_TOKEN_ID)
+            idx = slide_pos + offset - start
+            out[slide_pos] = self.state.tokens.to(out.device, out.dtype)[idx]
+        return out
+
+    def _next_token(self, logits: torch.Tensor, generated: list[int], temperature: float, top_p: float,
+                    repetition_penalty: float, gen: torch.Generator | None) -> int:
+        logits = logits.float()
+        if repetition_penalty != 1.0 and generated:
+            prev = torch.tensor(sorted(set(generated)), device=logits.device)
+            vals = logits[prev]
+            logits[prev] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
+        if temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, 0) - sp < top_p
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+    def _run(self, embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.assistant.llm(inputs_embeds=embeds, input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                                 **{cache_kwarg(self.assistant.llm): self._cache})
+        self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def _generate(self, question: str, max_new_tokens: int, temperature: float, top_p: float,
+                  repetition_penalty: float, seed: int | None) -> Iterator[str]:
+        a = self.assistant
+        with self._lock:
+            self.messages.append({"role": "user", "content": question})
+            full = self.prompt_ids(self.messages)
+            if not self.kv_reuse or self._cache is None:
+                self._cache, self._fed = None, []
+            common = min(_common_prefix(self._fed, full), len(full) - 1)
+            if self._cache is not None and common < len(self._fed):
+                if common > 0 and crop_cache(self._cache, len(self._fed) - common):
+                    self._fed = self._fed[:common]
+                else:
+                    self._cache, self._fed, common = None, [], 0
+            new = full[common:]
+            self.last_prefill_tokens = len(new)
+            was_training = a.training
+            a.eval()
+            device = a.llm.get_input_embeddings().weight.device
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            stops = a.stop_token_ids()
+            generated: list[int] = []
+            text = ""
+            try:
+                logits = self._run(embeds=self._embed(new, common, full)[None])
+                self._fed = full
+                while True:
+                    tok = self._next_token(logits, generated, temperature, top_p, repetition_penalty, gen)
+                    if tok in stops:
+                        break
+                    generated.append(tok)
+                    decoded = a.tokenizer.decode(generated, skip_special_tokens=True)
+                    if not decoded.endswith("\ufffd") and len(decoded) > len(text):
+                        piece, text = decoded[len(text):], decoded
+                        yield piece
+                    if len(generated) >= max_new_tokens:
+                        break
+                    logits = self._run(input_ids=torch.tensor([[tok]], device=device))
+                    self._fed.append(tok)
+                tail = a.tokenizer.decode(generated, skip_special_tokens=True)
+                if len(tail) > len(text):
+                    piece, text = tail[len(text):], tail
+                    yield piece
+            finally:
+                self.messages.append({"role": "assistant", "content": text.strip()})
+                a.train(was_training)
+
+
+__all__ = ["Conversation", "SlideState", "prepare_slide"]
