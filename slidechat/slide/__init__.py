@@ -1,0 +1,1 @@
+"""Slide ingestion: reading (SlideReader), tissue detection and tiling."""
