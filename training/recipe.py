@@ -118,6 +118,8 @@ class PatchCNNStep:
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
+    input_size: int = 112
+    embed_dim: int = 64
 
 
 @dataclass
@@ -138,8 +140,9 @@ class PipelineRecipe:
     patch_cnn: PatchCNNStep | None = None
     extract: ExtractStep | None = None
     stages: list[StageRecipe] = field(default_factory=list)
+    demo_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_demo_instructions options
     export: str | None = None
-    evaluate: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)   # training.measure.measure_checkpoint options
     threads: int | None = None
 
 
