@@ -36,3 +36,69 @@ def synth_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(out, n=4, seed=0, size="tiny")
     return out
+
+
+# ---------------------------------------------------------------- model (issue 4): a tiny random LLM for tests
+TINY_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_llm(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny random causal LM (Llama or Qwen2, hidden 64) + a small byte-level BPE tokenizer with a ChatML
+    template into ``out_dir`` (an HF folder that ``LLMConfig(name_or_path=out_dir)`` loads)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    corpus = [
+        "Which tissue types are present in this slide? Fibrous stroma, normal glands, tumour, necrosis, fat.",
+        "Is there a focal lesion? Yes, a carcinoma in the upper-left quadrant. No, benign tissue.",
+        "What percentage of the tissue area is tumour? About 12%. Write a short pathology report.",
+        "You are SlideChat, an assistant for pathology whole-slide images. Answer concisely.",
+    ] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = TINY_CHATML
+    common = dict(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, ~400-token BPE vocab, ChatML template) as an HF folder."""
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+@pytest.fixture
+def tiny_model_config(tiny_llm_dir):
+    """Factory: a SlideAssistantConfig with tiny encoder/Q-Former (feature_dim 32) on the tiny LLM; kwargs override."""
+    from slidechat.model.config import (LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig)
+
+    def make(projector: str = "qformer", mode: str = "frozen", feature_dim: int = 32, **kw) -> SlideAssistantConfig:
+        return SlideAssistantConfig(
+            encoder=SlideEncoderConfig(feature_dim=feature_dim, hidden_size=32, num_heads=2, region_size=4,
+                                       slide_layers=1, num_slide_tokens=2),
+            projector=projector,
+            qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64),
+            llm=LLMConfig(name_or_path=str(tiny_llm_dir), mode=mode, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+            patch_encoder=None, **kw)
+
+    return make

@@ -1,0 +1,371 @@
+"""The model: hierarchical slide encoder, Q-Former (vs transformers' BLIP-2), SlideAssistant hooks and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from slidechat.errors import CheckpointError, ConfigError, DataError, DependencyError
+from slidechat.model import (IGNORE_INDEX, SLIDE_TOKEN_ID, HierarchicalSlideEncoder, QFormerConfig,
+                             SlideAssistant, SlideEncoderConfig, collate_levels)
+from slidechat.model.config import LLMConfig, SlideAssistantConfig
+from slidechat.model.qformer import QFormerProjector, chunked_attention
+from slidechat.model.slide_encoder import patch_grid_from_coords, segment_softmax
+
+torch.set_num_threads(2)
+
+
+def _grid_coords(n: int, width: int, step: int = 224, seed: int = 0) -> torch.Tensor:
+    """Coords of ``n`` distinct patches on a ``width``-wide grid (random subset, shuffled)."""
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.randperm(width * width, generator=g)[:n]
+    return torch.stack([cells % width, cells // width], dim=1) * step + 1000
+
+
+# ---------------------------------------------------------------- slide encoder
+def test_encoder_levels_shapes_and_masks():
+    cfg = SlideEncoderConfig(feature_dim=16, hidden_size=32, num_heads=2, region_size=4, num_slide_tokens=3)
+    enc = HierarchicalSlideEncoder(cfg).eval()
+    coords = _grid_coords(300, 40)
+    out_a = enc(torch.randn(300, 16), coords, patch_size_level0=224)
+    out_b = enc(torch.randn(50, 16), None)  # no coords: raster layout
+    # regions = non-empty 4x4 windows of the grid
+    grid = (coords - coords.min(0).values) // 224
+    expected_regions = len({(int(x) // 4, int(y) // 4) for x, y in grid})
+    assert out_a.patch_tokens.shape == (300, 32)
+    assert out_a.region_tokens.shape == (expected_regions, 32)
+    assert out_a.slide_tokens.shape == (3, 32)
+    assert int(out_a.region_sizes.sum()) == 300 and out_a.region_index.max() == expected_regions - 1
+    assert torch.equal(out_a.patch_coords, coords.float())
+    assert out_a.has_coords and not out_b.has_coords
+    # every region's coordinate is the mean of its members
+    r0 = out_a.region_index == 0
+    assert torch.allclose(out_a.region_coords[0], coords[r0].float().mean(0))
+    assert out_a.tokens().shape[0] == 300 + expected_regions + 3
+    assert out_a.levels().tolist().count(1) == expected_regions
+    batch = collate_levels([out_a, out_b])
+    assert batch["patch"].shape == (2, 300, 32) and batch["patch_mask"].sum(1).tolist() == [300, 50]
+    assert batch["region_mask"].sum(1).tolist() == [expected_regions, out_b.num_regions]
+    assert batch["slide_mask"].all()
+    assert batch["memory_mask"].sum(1).tolist() == [o.tokens().shape[0] for o in (out_a, out_b)]
+    assert torch.isfinite(batch["memory"]).all()
+
+
+def test_encoder_without_coords_uses_square_raster():
+    grid, coords, has = patch_grid_from_coords(None, 10)
+    assert not has and grid[:, 0].max() == 3 and grid[:, 1].max() == 2  # width ceil(sqrt(10)) = 4
+    assert grid[5].tolist() == [1, 1]
+
+
+def test_grid_step_inferred_from_coords():
+    coords = torch.tensor([[0, 0], [512, 0], [0, 1024], [2048, 512]])
+    grid, _, has = patch_grid_from_coords(coords, 4)
+    assert has and grid.tolist() == [[0, 0], [1, 0], [0, 2], [4, 1]]
+    grid2, _, _ = patch_grid_from_coords(coords, 4, patch_size_level0=256)
+    assert grid2.tolist() == [[0, 0], [2, 0], [0, 4], [8, 2]]
+
+
+def test_encoder_rejects_wrong_feature_dim():
+    enc = HierarchicalSlideEncoder(SlideEncoderConfig(feature_dim=16, hidden_size=32, num_heads=2))
+    with pytest.raises(DataError, match="16"):
+        enc(torch.randn(10, 8), None)
+
+
+def test_segment_softmax_matches_per_group_softmax():
+    scores = torch.randn(7, 2)
+    index = torch.tensor([0, 1, 0, 2, 1, 0, 2])
+    out = segment_softmax(scores, index, 3)
+    for g in range(3):
+        assert torch.allclose(out[index == g], torch.softmax(scores[index == g], dim=0), atol=1e-6)
+
+
+def test_encoder_is_local_within_windows():
+    """A patch's features only reach its own region token through window pooling (slide tokens aside)."""
+    cfg = SlideEncoderConfig(feature_dim=8, hidden_size=16, num_heads=2, region_size=2, slide_layers=0)
+    enc = HierarchicalSlideEncoder(cfg).eval()
+    coords = torch.tensor([[x * 10, y * 10] for y in range(4) for x in range(4)])
+    f = torch.randn(16, 8)
+    a = enc(f, coords, 10)
+    f2 = f.clone()
+    f2[0] += 5.0  # patch (0, 0) -> region 0 only
+    b = enc(f2, coords, 10)
+    changed = (a.region_tokens - b.region_tokens).abs().sum(1) > 1e-5
+    assert changed.tolist() == [True, False, False, False]
+
+
+_MEM_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    torch.set_num_threads(1)
+    from slidechat.model import HierarchicalSlideEncoder, SlideEncoderConfig
+    from slidechat.model.qformer import QFormerProjector
+    from slidechat.model.config import QFormerConfig
+    n = int(sys.argv[1])
+    enc = HierarchicalSlideEncoder(SlideEncoderConfig(feature_dim=128, hidden_size=128)).eval()
+    qf = QFormerProjector(QFormerConfig(hidden_size=128, encoder_hidden_size=128, intermediate_size=256), 64).eval()
+    side = int((n * 1.3) ** 0.5) + 1
+    cells = torch.randperm(side * side)[:n]
+    coords = torch.stack([cells % side, cells // side], 1) * 224
+    f = torch.randn(n, 128)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        out = enc(f, coords, 224)
+        toks = qf(out.tokens()[None]).tokens[0]
+    assert toks.shape == (32, 64)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+""")
+
+
+def test_encoder_and_qformer_memory_grows_linearly():
+    """Peak RSS growth of encoder + Q-Former at 12.5k vs 50k patches: ~4x (linear), far from 16x (quadratic)."""
+    def peak_kb(n: int) -> int:
+        res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return int(res.stdout.strip().splitlines()[-1])
+
+    small, large = peak_kb(12_500), peak_kb(50_000)
+    ratio = large / max(small, 1)
+    assert 2.0 < ratio < 7.0, (small, large)
+    assert large < 2_000_000  # < 2 GB extra for 50k patches (hidden 128)
+
+
+# ---------------------------------------------------------------- Q-Former
+def _blip2_pair(chunk: int):
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    hf_cfg = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                encoder_hidden_size=24, cross_attention_frequency=2, hidden_act="gelu",
+                                layer_norm_eps=1e-12, use_qformer_text_input=False)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = Blip2QFormerModel(hf_cfg).eval()
+    ours = QFormerProjector(QFormerConfig(num_query_tokens=5, hidden_size=32, num_hidden_layers=3,
+                                          num_attention_heads=4, intermediate_size=64, encoder_hidden_size=24,
+                                          cross_attention_frequency=2, key_chunk_size=chunk), 16).eval()
+    ours.qformer.load_state_dict(hf.state_dict(), strict=True)  # identical parameter names
+    return hf, ours
+
+
+@pytest.mark.parametrize("chunk", [7, 100000])
+def test_qformer_matches_transformers_blip2(chunk):
+    hf, ours = _blip2_pair(chunk)
+    queries = torch.randn(2, 5, 32)
+    memory = torch.randn(2, 40, 24)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    with torch.no_grad():
+        ref = hf(query_embeds=queries, encoder_hidden_states=memory, encoder_attention_mask=mask,
+                 output_attentions=True)
+        hidden, cross = ours.qformer(queries, memory, mask.bool(), output_attentions=True)
+    assert torch.allclose(hidden, ref.last_hidden_state, atol=1e-5)
+    assert len(cross) == 2  # layers 0 and 2 have cross-attention
+    for ours_map, ref_map in zip(cross, ref.cross_attentions):
+        assert torch.allclose(ours_map, ref_map, atol=1e-6)
+    assert torch.allclose(cross[0][1, :, :, 30:], torch.zeros(1)) and torch.allclose(cross[0].sum(-1), torch.ones(1))
+
+
+def test_chunked_attention_equals_full_softmax():
+    q = torch.randn(1, 2, 3, 8)
+    k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    mask = torch.rand(1, 50) > 0.3
+    full = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~mask[:, None, None], float("-inf")), -1)
+    out, probs = chunked_attention(q, lambda s, e: k[:, :, s:e], lambda s, e: v[:, :, s:e], 50, mask, 6, True)
+    assert torch.allclose(out, full @ v, atol=1e-5) and torch.allclose(probs, full, atol=1e-6)
+
+
+def test_qformer_projector_outputs_k_tokens_and_maps():
+    proj = QFormerProjector(QFormerConfig(num_query_tokens=6, hidden_size=32, num_attention_heads=2,
+                                          intermediate_size=64, encoder_hidden_size=16, key_chunk_size=10), 48)
+    out = proj(torch.randn(2, 25, 16), torch.ones(2, 25, dtype=torch.bool), output_attentions=True)
+    assert [t.shape for t in out.tokens] == [(6, 48), (6, 48)]
+    assert len(out.cross_attentions) == 2 and out.cross_attentions[0].shape == (2, 2, 6, 25)
+
+
+# ---------------------------------------------------------------- SlideAssistant
+@pytest.fixture
+def tiny(tiny_model_config):
+    torch.manual_seed(0)
+    return SlideAssistant(tiny_model_config(), device="cpu")
+
+
+CONV = [{"from": "human", "value": "<image>\nWhich tissue types are present?"},
+        {"from": "gpt", "value": "Fibrous stroma and tumour."},
+        {"from": "human", "value": "Is there a focal lesion?"},
+        {"from": "gpt", "value": "Yes, in the upper-left quadrant."}]
+
+
+def _slides(n=(60, 40), dim=32):
+    return [torch.randn(k, dim) for k in n], [_grid_coords(n[0], 12), None]
+
+
+def test_tokenize_conversation_labels_only_assistant_tokens(tiny):
+    enc = tiny.tokenize_conversation(CONV)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert ids.shape == labels.shape and (ids == SLIDE_TOKEN_ID).sum() == 1
+    supervised = tiny.tokenizer.decode(labels[labels != IGNORE_INDEX])
+    assert supervised == "Fibrous stroma and tumour.<|im_end|>\nYes, in the upper-left quadrant.<|im_end|>\n"
+    prompt_text = tiny.tokenizer.decode(ids[(labels == IGNORE_INDEX) & (ids >= 0)])
+    assert "Which tissue types" in prompt_text and "Fibrous" not in prompt_text
+    # <slide> and <image> spellings, and a missing placeholder, give the same ids
+    same = tiny.tokenize_conversation([{"role": "user", "content": "<slide>\nWhich tissue types are present?"}] + [
+        {"role": "assistant" if m["from"] == "gpt" else "user", "content": m["value"]} for m in CONV[1:]])
+    missing = tiny.tokenize_conversation([{"role": "user", "content": "Which tissue types are present?"}] + CONV[1:])
+    assert torch.equal(same["input_ids"], ids) and torch.equal(missing["input_ids"], ids)
+
+
+def test_tokenize_rejects_bad_turns(tiny):
+    with pytest.raises(DataError):
+        tiny.tokenize_conversation([{"role": "robot", "content": "hi"}])
+
+
+def test_forward_loss_and_gradients_frozen_llm(tiny):
+    enc = tiny.tokenize_conversation(CONV)
+    short = tiny.tokenize_conversation(CONV[:2])
+    ids = torch.full((2, len(enc["input_ids"])), tiny.tokenizer.pad_token_id)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate((enc, short)):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], 1
+    feats, coords = _slides()
+    out = tiny(ids, mask, labels, feats, coords)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.logits.shape[:2] == (2, ids.shape[1] - 1 + 8)  # placeholder -> 8 query tokens
+    out.loss.backward()
+    assert tiny.projector.query_tokens.grad.abs().sum() > 0
+    assert tiny.slide_encoder.patch_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny.llm.parameters())
+
+
+def test_forward_without_slide_features_but_placeholder_fails(tiny):
+    enc = tiny.tokenize_conversation(CONV[:2])
+    with pytest.raises(DataError):
+        tiny(enc["input_ids"][None])
+
+
+def _logits(model, feats, coords):
+    enc = model.tokenize_conversation(CONV)
+    model.eval()
+    with torch.no_grad():
+        return model(enc["input_ids"][None], None, None, feats[:1], coords[:1]).logits
+
+
+def test_save_load_round_trip_identical_logits(tiny, tmp_path):
+    feats, coords = _slides()
+    before = _logits(tiny, feats, coords)
+    tiny.save_pretrained(tmp_path / "ck")
+    assert {p.name for p in (tmp_path / "ck").iterdir()} == {"config.json", "model.safetensors"}
+    loaded = SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu")
+    assert torch.equal(before, _logits(loaded, feats, coords))
+
+
+def test_lora_changes_only_adapter_weights_and_round_trips(tiny_model_config, tmp_path):
+    torch.manual_seed(0)
+    model = SlideAssistant(tiny_model_config(mode="lora"), device="cpu")
+    trainable = {n for n, p in model.llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    enc = model.tokenize_conversation(CONV)
+    feats, coords = _slides()
+    for _ in range(2):
+        opt.zero_grad()
+        model(enc["input_ids"][None], None, enc["labels"][None], feats[:1], coords[:1]).loss.backward()
+        opt.step()
+    changed = {n for n, p in model.llm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    logits = _logits(model, feats, coords)
+    model.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "adapter" / "adapter_config.json").is_file()
+    loaded = SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu")
+    assert torch.allclose(logits, _logits(loaded, feats, coords), atol=1e-6)
+
+
+def test_full_finetune_embeds_llm(tiny_model_config, tmp_path):
+    torch.manual_seed(0)
+    model = SlideAssistant(tiny_model_config(mode="full"), device="cpu")
+    assert all(p.requires_grad for p in model.llm.parameters())
+    with torch.no_grad():
+        model.llm.get_input_embeddings().weight.add_(0.01)
+    feats, coords = _slides()
+    logits = _logits(model, feats, coords)
+    model.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["llm"]["name_or_path"] == "llm" and (tmp_path / "ck" / "llm" / "config.json").is_file()
+    loaded = SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu")
+    assert torch.equal(logits, _logits(loaded, feats, coords))
+
+
+def test_bad_checkpoints_raise_checkpoint_error(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        SlideAssistant.from_pretrained(tmp_path / "nothing")
+    ck = tiny.save_pretrained(tmp_path / "ck")
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        SlideAssistant.from_pretrained(ck, device="cpu")
+    ck = tiny.save_pretrained(tmp_path / "ck2")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["encoder"]["hidden_size"] = 64  # weights no longer match
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match"):
+        SlideAssistant.from_pretrained(ck, device="cpu")
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid"):
+        SlideAssistant.from_pretrained(ck, device="cpu")
+    cfg["encoder"]["hidden_size"] = 32
+    cfg["encoder"]["typo_option"] = 1
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="typo_option"):
+        SlideAssistant.from_pretrained(ck, device="cpu")
+
+
+def test_linear_projector_feeds_every_patch(tiny_model_config):
+    cfg = tiny_model_config(projector="linear")
+    cfg.linear.max_tokens = 50
+    torch.manual_seed(0)
+    model = SlideAssistant(cfg, device="cpu")
+    feats, coords = _slides((80, 30))
+    encs, proj = model.encode_features(feats, coords)
+    assert [t.shape[0] for t in proj.tokens] == [50 + 2, 30 + 2]  # capped patches + 2 slide tokens
+    enc = model.tokenize_conversation(CONV[:2])
+    out = model(enc["input_ids"][None], None, enc["labels"][None], feats[:1], coords[:1])
+    assert out.logits.shape[1] == len(enc["input_ids"]) - 1 + 52 and torch.isfinite(out.loss)
+
+
+def test_second_architecture_qwen2(tmp_path, tiny_model_config):
+    from conftest import make_tiny_llm
+
+    qwen = make_tiny_llm(tmp_path / "qwen", arch="qwen2")
+    cfg = tiny_model_config()
+    cfg.llm = LLMConfig(name_or_path=str(qwen))
+    model = SlideAssistant(cfg, device="cpu")
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    enc = model.tokenize_conversation(CONV)
+    feats, coords = _slides()
+    assert torch.isfinite(model(enc["input_ids"][None], None, enc["labels"][None], feats[:1], coords[:1]).loss)
+
+
+def test_quantization_on_cpu_is_a_clear_dependency_error(tiny_model_config):
+    cfg = tiny_model_config()
+    cfg.llm.quantization = "4bit"
+    with pytest.raises(DependencyError, match="CUDA"):
+        SlideAssistant(cfg, device="cpu")
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        LLMConfig(mode="half")
+    with pytest.raises(ConfigError):
+        SlideAssistantConfig(projector="mlp")
+    with pytest.raises(ConfigError):
+        LLMConfig(mode="full", quantization="4bit")
+    cfg = SlideAssistantConfig(encoder=SlideEncoderConfig(hidden_size=64, num_heads=4))
+    assert cfg.qformer.encoder_hidden_size == 64
+    assert SlideAssistantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert math.isclose(cfg.patch_encoder.target_mpp, 0.5)
