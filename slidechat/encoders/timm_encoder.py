@@ -98,6 +98,9 @@ def load_timm_encoder(
         log.warning("timm:%s has no --weights: using random initialisation", arch)
     data_cfg = resolve_data_config(cfg.get("pretrained_cfg", {}), model=model)
     size = int(data_cfg["input_size"][-1])
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ViTs built for another size
+    if built and "input_size" not in cfg.get("pretrained_cfg", {}):
+        size = int(built[0] if isinstance(built, (tuple, list)) else built)
     model.eval()
     with torch.inference_mode():
         dim = int(model(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
