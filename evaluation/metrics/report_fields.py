@@ -1,0 +1,99 @@
+"""Accuracy of structured report fields against ground truth (SynthSlide ``reports.jsonl``).
+
+Comparison rules per field value type (of the truth):
+- numbers: correct when ``|pred - truth| <= numeric_tolerance`` (absolute; fractions are in [0, 1]);
+  a predicted string such as "35%" or "0.35" is parsed, percentages divided by 100;
+- lists/sets: correct when equal as case-insensitive sets; the Jaccard index is reported too;
+- booleans: "yes/true/present" vs "no/false/absent";
+- None/null: correct when the prediction is empty/none/absent/not present;
+- strings: equal after lower-casing and stripping punctuation.
+A field missing from the prediction is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from evaluation.answer_parser import normalize_text
+
+_TRUE = {"yes", "true", "present", "1", "positive"}
+_FALSE = {"no", "false", "absent", "0", "negative", "none", "not present"}
+_NULL = {"", "none", "null", "n a", "na", "absent", "not present", "no lesion", "not applicable"}
+
+
+def _to_float(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.search(r"-?\d+(?:\.\d+)?", str(value))
+    if not m:
+        return None
+    number = float(m.group())
+    return number / 100.0 if "%" in str(value)[m.end():m.end() + 2] else number
+
+
+def _as_set(value) -> set[str]:
+    if isinstance(value, (list, tuple, set)):
+        return {normalize_text(v) for v in value if normalize_text(v)}
+    return {normalize_text(v) for v in re.split(r"[,;/]| and ", str(value or "")) if normalize_text(v)}
+
+
+def compare_field(pred, truth, numeric_tolerance: float = 0.1) -> tuple[bool, float | None]:
+    """Return (correct, jaccard or None) for one field; see the module docstring for the rules."""
+    if truth is None:
+        return (pred is None or normalize_text(pred) in _NULL), None
+    if pred is None:
+        return False, (0.0 if isinstance(truth, (list, tuple, set)) else None)
+    if isinstance(truth, bool):
+        p = normalize_text(pred) if not isinstance(pred, bool) else ("true" if pred else "false")
+        return (p in _TRUE) if truth else (p in _FALSE), None
+    if isinstance(truth, (int, float)):
+        p = _to_float(pred)
+        return (p is not None and abs(p - float(truth)) <= numeric_tolerance + 1e-12), None
+    if isinstance(truth, (list, tuple, set)):
+        t, p = _as_set(truth), _as_set(pred)
+        union = t | p
+        jac = len(t & p) / len(union) if union else 1.0
+        return t == p, jac
+    if isinstance(truth, dict):
+        if not isinstance(pred, dict):
+            return False, None
+        return all(compare_field(pred.get(k), v, numeric_tolerance)[0] for k, v in truth.items()), None
+    return normalize_text(pred) == normalize_text(truth), None
+
+
+def report_field_accuracy(pairs: list[tuple[dict, dict]], numeric_tolerance: float = 0.1) -> dict:
+    """Per-field accuracy over (predicted fields, true fields) pairs, plus the mean over fields.
+
+    Returns ``{"fields": {name: {"accuracy", "n", "jaccard"?}}, "mean_field_accuracy", "exact_report"}``
+    where ``exact_report`` is the share of reports with every field right.
+    """
+    hits: dict[str, list[float]] = defaultdict(list)
+    jaccards: dict[str, list[float]] = defaultdict(list)
+    exact = []
+    for pred, truth in pairs:
+        pred = pred or {}
+        all_ok = True
+        for name, true_value in truth.items():
+            ok, jac = compare_field(pred.get(name), true_value, numeric_tolerance)
+            hits[name].append(float(ok))
+            if jac is not None:
+                jaccards[name].append(jac)
+            all_ok &= ok
+        exact.append(float(all_ok))
+    fields = {}
+    for name, vals in sorted(hits.items()):
+        entry = {"accuracy": sum(vals) / len(vals), "n": len(vals)}
+        if jaccards.get(name):
+            entry["jaccard"] = sum(jaccards[name]) / len(jaccards[name])
+        fields[name] = entry
+    mean = sum(f["accuracy"] for f in fields.values()) / len(fields) if fields else None
+    return {
+        "fields": fields,
+        "mean_field_accuracy": mean,
+        "exact_report": sum(exact) / len(exact) if exact else None,
+        "n": len(pairs),
+        "numeric_tolerance": numeric_tolerance,
+    }
