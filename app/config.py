@@ -1,0 +1,51 @@
+"""Settings of the browser app (one dataclass, filled from the CLI or by tests)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """``$SLIDECHAT_CACHE`` or ``$XDG_CACHE_HOME/slidechat`` or ``~/.cache/slidechat``."""
+    env = os.environ.get("SLIDECHAT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slidechat"
+
+
+@dataclass
+class AppConfig:
+    """How the app serves: network, limits, caches and what the page shows."""
+
+    host: str = "127.0.0.1"
+    port: int | None = 7860
+    auth: tuple[str, str] | None = None
+    share: bool = False
+    max_upload_mb: float = 2048.0
+    concurrency: int = 1  # model calls (encode / answer / report) running at once
+    queue_size: int = 64  # waiting events before "queue full"
+    max_sessions: int = 64  # live browser sessions kept in memory (oldest idle evicted)
+    session_ttl_s: float = 3 * 3600.0  # idle sessions are closed after this
+    cache_dir: Path = field(default_factory=default_cache_dir)  # features + example slides
+    thumbnail_size: int = 1024
+    max_new_tokens: int = 256
+    max_question_chars: int = 2000
+    n_examples: int = 2  # bundled synthetic example slides generated on first start
+    title: str = "SlideChat"
+    banner: str | None = None  # e.g. "no trained checkpoint yet" warning
+    checkpoint_label: str = ""
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def features_dir(self) -> Path:
+        return Path(self.cache_dir) / "features"
+
+    @property
+    def examples_dir(self) -> Path:
+        return Path(self.cache_dir) / "examples"

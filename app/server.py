@@ -1,0 +1,69 @@
+"""Build and start the app: load the model, prepare example slides, queue + launch Gradio."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.config import AppConfig
+from app.examples import example_slides
+from app.service import ChatService
+
+log = logging.getLogger(__name__)
+
+
+def load_assistant(checkpoint: str | None) -> tuple[Any, str, str | None]:
+    """(assistant, label, banner). ``checkpoint`` None/"demo" = embedded demo, falling back to the untrained
+    default model (with a banner saying so) when no demo checkpoint exists yet."""
+    import slidechat
+    from slidechat.errors import CheckpointError
+
+    if checkpoint in (None, "", "demo"):
+        try:
+            return slidechat.load("demo"), "demo checkpoint", None
+        except CheckpointError as exc:
+            log.warning("%s", exc)
+            banner = ("No trained checkpoint yet: this is the untrained default model (random slide encoder and "
+                      "projector), so answers are not about the slide. Train the demo checkpoint with "
+                      "`slidechat train` or start the app with --checkpoint DIR.")
+            return slidechat.load("demo-untrained"), "untrained default model", banner
+    return slidechat.load(checkpoint), Path(checkpoint).name or str(checkpoint), None
+
+
+def prepare(assistant: Any, config: AppConfig, with_examples: bool = True):
+    """(service, demo): the ChatService for ``assistant`` and its Blocks app (not launched)."""
+    from app.ui import build_demo
+
+    service = ChatService(assistant, config)
+    atexit.register(service.registry.close_all)
+    examples: dict[str, Path] = {}
+    if with_examples and config.n_examples > 0:
+        try:
+            examples = example_slides(config.examples_dir, n=config.n_examples)
+        except Exception:  # examples are a convenience; the app must start without them
+            log.exception("could not prepare example slides")
+    return service, build_demo(service, examples)
+
+
+def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
+    """Queue + launch ``demo`` with the config's network, auth, size and concurrency limits."""
+    from app.ui import CSS
+
+    import gradio as gr
+
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=max(4, config.concurrency))
+    return demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        auth=config.auth,
+        share=config.share,
+        max_file_size=config.max_upload_bytes,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        show_error=False,
+        css=CSS,
+        theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
+        footer_links=[],
+    )
