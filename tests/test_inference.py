@@ -1,0 +1,222 @@
+"""Inference on a tiny random LLM: streaming, KV reuse, heatmaps, reports, encode_slide caching, load(), the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import slidechat
+from slidechat.errors import CheckpointError, DataError, SlideChatError
+from slidechat.features.store import SlideFeatures, write_features_h5
+from slidechat.inference.conversation import Conversation
+from slidechat.inference.report import parse_answers, parse_location, parse_percent, parse_yes_no
+from slidechat.model import SlideAssistant
+
+torch.set_num_threads(2)
+
+
+def _features(n: int, dim: int = 32, coords: bool = True, seed: int = 0) -> SlideFeatures:
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n * 1.5)))
+    cells = rng.permutation(side * side)[:n]
+    xy = np.stack([cells % side, cells // side], 1).astype(np.int64) * 256 if coords else None
+    return SlideFeatures(features=rng.standard_normal((n, dim)).astype(np.float32), coords=xy,
+                         attrs={"slide_id": f"s{n}", "slide_sha256": f"sha{n}-{seed}", "patch_size_level0": 256})
+
+
+@pytest.fixture(scope="module")
+def assistant(tiny_llm_dir):
+    from slidechat.model.config import LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig
+
+    cfg = SlideAssistantConfig(
+        encoder=SlideEncoderConfig(feature_dim=32, hidden_size=32, num_heads=2, slide_layers=1, num_slide_tokens=2),
+        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=None)
+    torch.manual_seed(0)
+    return SlideAssistant(cfg, device="cpu")
+
+
+QUESTIONS = ["Which tissue types are present?", "Is there a focal lesion?", "Write a short pathology report."]
+
+
+def test_streamed_answer_equals_non_streamed(assistant):
+    slide = _features(200)
+    pieces = list(assistant.chat(slide).ask(QUESTIONS[0], stream=True, max_new_tokens=24))
+    assert len(pieces) > 1  # really streamed piece by piece
+    whole = assistant.chat(slide).ask(QUESTIONS[0], max_new_tokens=24)
+    assert "".join(pieces) == whole and whole
+
+
+def test_kv_reuse_equals_recomputation(assistant):
+    slide = _features(300)
+    reuse, fresh = assistant.chat(slide), assistant.chat(slide, kv_reuse=False)
+    prefill_reuse, prefill_fresh = [], []
+    for q in QUESTIONS:
+        assert reuse.ask(q, max_new_tokens=16) == fresh.ask(q, max_new_tokens=16)
+        prefill_reuse.append(reuse.last_prefill_tokens)
+        prefill_fresh.append(fresh.last_prefill_tokens)
+    assert reuse.messages == fresh.messages and len(reuse.messages) == 6
+    assert all(m["content"] for m in reuse.messages)  # real answers, not immediate end-of-turn
+    assert prefill_reuse[0] == prefill_fresh[0]
+    assert prefill_reuse[1] < prefill_fresh[1] // 2 and prefill_reuse[2] < prefill_fresh[2] // 2
+    # the KV cache covers everything said so far
+    assert reuse._cache.get_seq_length() == len(reuse._fed)
+
+
+def test_second_turn_cost_does_not_depend_on_slide_size(assistant):
+    counts = []
+    for n in (50, 3000):
+        conv = assistant.chat(_features(n, seed=1))
+        conv.ask(QUESTIONS[0], max_new_tokens=4)
+        conv.ask(QUESTIONS[1], max_new_tokens=4)
+        counts.append(conv.last_prefill_tokens)
+    assert counts[0] == counts[1]
+
+
+def test_reset_and_empty_question(assistant):
+    conv = assistant.chat(_features(100))
+    conv.ask(QUESTIONS[0], max_new_tokens=4)
+    conv.reset()
+    assert conv.messages == [] and conv._cache is None
+    with pytest.raises(SlideChatError):
+        conv.ask("   ")
+
+
+def test_heatmap_scores_coords_and_region_mapping(assistant):
+    slide = _features(400)
+    conv = assistant.chat(slide)
+    conv.ask(QUESTIONS[1], max_new_tokens=6)
+    heat = conv.heatmap()
+    assert heat.scores.shape == (400,) and heat.coords.shape == (400, 2)
+    assert heat.scores.min() == 0.0 and heat.scores.max() == 1.0
+    assert np.array_equal(heat.coords, slide.coords) and heat.patch_size_level0 == 256
+    # the map equals cross-attention (mean over layers/heads/queries) with region mass spread over member patches
+    st = conv.state
+    rel = st.cross_attention.mean(0).mean(0)
+    n, enc = 400, st.encoding
+    manual = rel[:n] + (rel[n:n + enc.num_regions] / enc.region_sizes)[enc.region_index]
+    manual = (manual - manual.min()) / (manual.max() - manual.min())
+    assert np.allclose(heat.scores, manual.numpy(), atol=1e-5)
+    weighted = conv.heatmap(weighting="llm")
+    assert weighted.scores.shape == (400,) and not np.allclose(weighted.scores, heat.scores)
+
+
+def test_heatmap_without_coords_and_for_linear_projector(assistant, tiny_model_config):
+    conv = assistant.chat(_features(90, coords=False))
+    conv.ask(QUESTIONS[0], max_new_tokens=3)
+    heat = conv.heatmap()
+    assert not heat.has_coords and heat.coords[:, 0].max() == 9 * 256  # raster width ceil(sqrt(90)) = 10
+    torch.manual_seed(0)
+    linear = SlideAssistant(tiny_model_config(projector="linear"), device="cpu")
+    conv = linear.chat(_features(70))
+    conv.ask(QUESTIONS[0], max_new_tokens=3)
+    heat = conv.heatmap()
+    assert heat.scores.shape == (70,) and heat.scores.max() == 1.0
+
+
+def test_report_fields_and_markdown(assistant):
+    report = assistant.report(_features(120), max_new_tokens=6, summary_max_new_tokens=8)
+    assert set(report.raw_answers) == {"tissue_types", "dominant_tissue", "lesion_present", "lesion_type",
+                                       "lesion_location", "tumor_fraction_percent", "summary"}
+    assert {"tissue_types", "lesion_present", "tumor_fraction_percent", "summary"} <= set(report.fields)
+    assert report.text.startswith("TISSUE TYPES:") and report.to_markdown().startswith("## Slide report: s120")
+
+
+def test_report_answer_parsing():
+    fields = parse_answers({
+        "tissue_types": "Fibrous stroma, adipose tissue and a carcinoma.", "dominant_tissue": "Mostly stroma.",
+        "lesion_present": "Yes.", "lesion_type": "A lymphoid aggregate.", "lesion_location": "Top right.",
+        "tumor_fraction_percent": "About 12 %", "summary": " A slide. "})
+    assert fields["tissue_types"] == ["fibrous stroma", "adipose tissue", "tumour"]
+    assert fields["dominant_tissue"] == "fibrous stroma" and fields["lesion_present"] is True
+    assert fields["lesion_type"] == "lymphoid aggregate" and fields["lesion_location"] == "upper-right"
+    assert fields["tumor_fraction_percent"] == 12.0 and fields["tumor_present"] and fields["summary"] == "A slide."
+    assert fields["necrosis_present"] is False
+    no = parse_answers({"lesion_present": "No focal lesion is identified.", "lesion_type": "carcinoma"})
+    assert no["lesion_present"] is False and no["lesion_type"] is None
+    assert parse_yes_no("maybe") is None and parse_location("somewhere") is None
+    assert parse_percent("0.35") == 35.0 and parse_percent("none") == 0.0 and parse_percent("n/a") is None
+
+
+def test_encode_slide_feature_files(assistant, tmp_path):
+    f = _features(50)
+    write_features_h5(tmp_path / "a.h5", f.features, f.coords,
+                      {"patch_size": 256, "patch_size_level0": 256, "target_mpp": 0.5, "encoder": "x",
+                       "slide_id": "a", "slide_sha256": "abc"})
+    enc = assistant.encode_slide(tmp_path / "a.h5")
+    assert enc.slide_id == "a" and enc.sha256 == "abc" and enc.h5_path == tmp_path / "a.h5"
+    assert enc.num_patches == 50 and enc.patch_size_level0 == 256
+    csv = tmp_path / "b.csv"
+    rows = ",".join(str(i) for i in range(512)) + "\n" + "\n".join(
+        ",".join(f"{v:.4f}" for v in row) for row in np.random.default_rng(0).standard_normal((20, 512)))
+    csv.write_text(rows + "\n")
+    enc_csv = assistant.encode_slide(csv)
+    assert enc_csv.features.coords is None and enc_csv.num_patches == 20
+    with pytest.raises(DataError, match="32"):  # SlideChat CSVs are 512-d; this model wants 32
+        assistant.chat(enc_csv)
+    with pytest.raises(SlideChatError):
+        assistant.encode_slide(tmp_path / "missing.svs")
+
+
+def test_encode_slide_file_extracts_once_and_caches(tiny_model_config, cmu_slide, tmp_path, monkeypatch):
+    from slidechat.encoders import load_encoder
+    from slidechat.model.config import PatchEncoderRef
+
+    dim = load_encoder("demo-cnn").embed_dim
+    cfg = tiny_model_config(feature_dim=dim)
+    cfg.patch_encoder = PatchEncoderRef(name="demo-cnn", target_mpp=2.0, patch_size=224)
+    torch.manual_seed(0)
+    model = SlideAssistant(cfg, device="cpu")
+    stages = []
+    enc = model.encode_slide(cmu_slide, cache_dir=tmp_path, progress=lambda s, d, t: stages.append(s))
+    assert enc.h5_path.is_file() and enc.h5_path.parent.parent == tmp_path and enc.h5_path.stem == enc.sha256
+    assert enc.num_patches > 0 and enc.features.coords is not None and "encoding" in stages
+    import slidechat.features.extract as extract
+
+    monkeypatch.setattr(extract, "extract_slide", lambda *a, **k: pytest.fail("re-extracted a cached slide"))
+    again = model.encode_slide(cmu_slide, cache_dir=tmp_path)
+    assert again.h5_path == enc.h5_path and again.num_patches == enc.num_patches
+    answer = model.chat(again).ask("Which tissue types are present?", max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+def test_load_errors(tmp_path):
+    from slidechat.inference.api import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").exists():
+        with pytest.raises(CheckpointError, match="demo-untrained"):
+            slidechat.load("demo")
+    with pytest.raises(CheckpointError):
+        slidechat.load(str(tmp_path / "nope"))
+
+
+def test_cli_one_shot_and_interactive(assistant, tmp_path, monkeypatch, capsys):
+    from slidechat.cli import main
+
+    ck = assistant.save_pretrained(tmp_path / "ck")
+    f = _features(60)
+    h5 = tmp_path / "s.h5"
+    write_features_h5(h5, f.features, f.coords, {"patch_size": 256, "patch_size_level0": 256, "target_mpp": 0.5,
+                                                 "encoder": "x", "slide_id": "s", "slide_sha256": "s"})
+    rc = main(["chat", "--checkpoint", str(ck), "--slide", str(h5), "-q", QUESTIONS[0], "-q", QUESTIONS[1],
+               "--max-new-tokens", "5", "--heatmap", str(tmp_path / "heat.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"> {QUESTIONS[1]}" in out
+    heat = json.loads((tmp_path / "heat.json").read_text())
+    assert len(heat["scores"]) == 60 and max(heat["scores"]) == 1.0
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTIONS[0]}\n/reset\n{QUESTIONS[1]}\n\n"))
+    rc = main(["chat", "--checkpoint", str(ck), "--slide", str(h5), "--max-new-tokens", "3", "--no-stream"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "conversation reset" in captured.err
+    assert main(["chat", "--checkpoint", str(tmp_path / "missing"), "--slide", str(h5)]) == 2
+
+
+def test_conversation_accepts_encoded_or_raw(assistant):
+    f = _features(40)
+    conv = Conversation(assistant, f)
+    assert conv.slide.slide_id == "s40" and conv.state.tokens.shape == (8, 64)
