@@ -75,7 +75,15 @@ def detect_tissue(
         if not 0.0 <= threshold <= 1.0:
             raise NoTissueError(f"--tissue-threshold {threshold} must be a saturation between 0 and 1 (e.g. 0.08)")
         t = float(threshold)
-    mask = (sat > t) & (value > 30)  # drop black (pen marks, scanner edge)
+    not_black = value > 30  # drop black (pen marks, scanner edge)
+    if threshold is None and t > MIN_SATURATION:
+        # hysteresis: faint tissue (fat, oedema) counts when it touches clearly stained tissue
+        weak = (sat > MIN_SATURATION) & not_black
+        labels, _ = ndimage.label(weak)
+        strong_ids = np.unique(labels[(sat > t) & not_black])
+        mask = np.isin(labels, strong_ids[strong_ids > 0])
+    else:
+        mask = (sat > t) & not_black
     if closing_radius > 0:
         mask = ndimage.binary_closing(np.pad(mask, closing_radius), morphology.disk(closing_radius))
         mask = mask[closing_radius:-closing_radius, closing_radius:-closing_radius]

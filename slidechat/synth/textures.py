@@ -150,8 +150,8 @@ def _fat(rng, size):
     edge = np.zeros((size, size), dtype=bool)
     edge |= idx != np.roll(idx, 1, axis=0)
     edge |= idx != np.roll(idx, 1, axis=1)
-    edge = ndimage.binary_dilation(edge, iterations=1)
-    e = np.where(edge, 0.55, 0.015) * _grain(rng, size)
+    edge = ndimage.binary_dilation(edge, iterations=2)
+    e = np.where(edge, 0.6, 0.16) * _grain(rng, size)  # faintly eosinophilic cells, pink septa
     h = np.where(edge, 0.05, 0.0)
     return stains_to_rgb(h, e)
 
