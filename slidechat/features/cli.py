@@ -29,12 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from slidechat.encoders import load_encoder
-    from slidechat.features.extract import extract_many
+    from slidechat.features.extract import expand_slide_inputs, extract_many
 
+    expand_slide_inputs(args.slides)  # "no slides found" fails fast, before loading the encoder
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 2 if args.num_workers else 4)))
     encoder = load_encoder(args.encoder, args.weights, device=args.device)
-    bar = tqdm(total=0, unit="patch", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=0, unit="patch", file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage == "encoding":
