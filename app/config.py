@@ -32,6 +32,8 @@ class AppConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)  # features + example slides
     thumbnail_size: int = 1024
     max_new_tokens: int = 256
+    report_max_new_tokens: int = 64  # per targeted report question
+    report_summary_tokens: int = 160  # the report's free-text summary
     max_question_chars: int = 2000
     n_examples: int = 2  # bundled synthetic example slides generated on first start
     title: str = "SlideChat"

@@ -47,11 +47,18 @@ def prepare(assistant: Any, config: AppConfig, with_examples: bool = True):
     return service, build_demo(service, examples)
 
 
+def theme():
+    """Soft theme with system fonts only: the page makes no request outside this server."""
+    import gradio as gr
+
+    system = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
+    mono = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system, font_mono=mono)
+
+
 def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
     """Queue + launch ``demo`` with the config's network, auth, size and concurrency limits."""
     from app.ui import CSS
-
-    import gradio as gr
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=max(4, config.concurrency))
     return demo.launch(
@@ -64,6 +71,6 @@ def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
         quiet=quiet,
         show_error=False,
         css=CSS,
-        theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="slate"),
+        theme=theme(),
         footer_links=[],
     )

@@ -246,7 +246,8 @@ class ChatService:
         if session.slide is None:
             raise SlideChatError("open a slide first: upload one or pick an example")
         with session.task("writing the report"):
-            report = self.assistant.report(session.slide)
+            report = self.assistant.report(session.slide, max_new_tokens=self.config.report_max_new_tokens,
+                                           summary_max_new_tokens=self.config.report_summary_tokens)
             session.report = report
             images = {"thumbnail with tissue outline": session.outlined}
             if session.heatmap is not None:

@@ -45,7 +45,7 @@ CSS = """
 
 def _status(kind: str, text: str) -> str:
     """An HTML status line: kind is info | ok | error. ``text`` is escaped (it may hold user file names)."""
-    icon = {"info": "ℹ️", "ok": "✅", "error": "⚠️"}[kind]
+    icon = {"info": "ℹ", "ok": "✓", "error": "⚠"}[kind]  # plain symbols: no emoji font needed
     body = html.escape(text).replace("\n", "<br>")
     return f'<div class="sc-status sc-{kind}" role="{"alert" if kind == "error" else "status"}">{icon} {body}</div>'
 
@@ -54,7 +54,7 @@ def _facts_markdown(facts: dict[str, Any]) -> str:
     if not facts:
         return ""
     rows = "\n".join(f"| {html.escape(str(k))} | {html.escape(str(v))} |" for k, v in facts.items())
-    return "| | |\n|---|---|\n" + rows
+    return "| Slide facts | |\n|---|---|\n" + rows
 
 
 def _session(service: ChatService, request: gr.Request | None) -> SlideSession:
@@ -100,8 +100,9 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
             path = service.ingest_upload(session, file, name)
             status = open_path(session, path, name, mpp, progress)
         except SlideChatError as exc:
-            session.clear_slide() if session.busy is None else None
-            status = _status("error", f"Could not open {name}: {user_message(exc)}")
+            if session.busy is None:
+                session.clear_slide()
+            status = _status("error", f"Could not open this slide. {user_message(exc)}")
         except Exception as exc:  # keep serving whatever happens
             log.exception("opening upload %s failed", name)
             status = _status("error", user_message(exc))
@@ -185,11 +186,11 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
     # ------------------------------------------------------------------ layout
     with gr.Blocks(title=config.title, delete_cache=(1800, 3600), fill_width=True) as demo:
         with gr.Column(elem_id="sc-header"):
-            gr.Markdown(f"# 🔬 {html.escape(config.title)}\nChat with a pathology whole-slide image. "
+            gr.Markdown(f"# {html.escape(config.title)}\nChat with a pathology whole-slide image. "
                         "Research demo — not for diagnosis."
                         + (f" Model: `{config.checkpoint_label}`." if config.checkpoint_label else ""))
             if config.banner:
-                gr.HTML(f'<div class="sc-banner" id="sc-banner">⚠️ {html.escape(config.banner)}</div>')
+                gr.HTML(f'<div class="sc-banner" id="sc-banner">⚠ {html.escape(config.banner)}</div>')
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=360):
                 with gr.Tab("Upload a slide"):
@@ -226,8 +227,8 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
                 with gr.Row(elem_classes="sc-suggest"):
                     suggestion_btns = [gr.Button(q, size="sm", variant="secondary") for q in SUGGESTED_QUESTIONS]
                 with gr.Row():
-                    report_btn = gr.Button("📝 Generate report", elem_id="sc-report")
-                    clear_btn = gr.Button("🧹 Clear chat", elem_id="sc-clear")
+                    report_btn = gr.Button("Generate report", elem_id="sc-report")
+                    clear_btn = gr.Button("Clear chat", elem_id="sc-clear")
                     restart_btn = gr.Button("↺ New slide", elem_id="sc-restart")
                     download_conv = gr.DownloadButton("⬇ Download conversation", interactive=False,
                                                       elem_id="sc-download-conv")

@@ -148,6 +148,7 @@ def overlay_heatmap(
     cmap: str = "turbo",
     normalize: str = "minmax",
     smooth: float = 0.0,
+    alpha_floor: float = 0.3,
 ) -> Image.Image:
     """Blend a coloured attention heatmap over ``thumbnail``; returns an RGB image of the same size.
 
@@ -155,6 +156,8 @@ def overlay_heatmap(
     patch, ``patch_size_level0`` the patch side in level-0 pixels, ``level0_size`` the slide's (w, h)
     at level 0. ``alpha`` in [0, 1] is the heatmap opacity (0 returns the thumbnail unchanged).
     ``smooth`` > 0 applies a Gaussian blur of that sigma (in patches) for a softer look.
+    ``alpha_floor`` in [0, 1]: the opacity of the lowest score relative to the highest (1 = the same opacity
+    everywhere; the default 0.3 keeps low-attention tissue visible under the colour).
     Pixels not covered by any patch keep the thumbnail colour.
     """
     base = thumbnail.convert("RGB")
@@ -172,7 +175,9 @@ def overlay_heatmap(
         values = np.where(np.isfinite(values), blurred, np.nan)
     rgba = colorize(values, cmap)
     img = np.asarray(base, dtype=np.float32)
-    a = (rgba[..., 3:4].astype(np.float32) / 255.0) * alpha
+    floor = float(np.clip(alpha_floor, 0.0, 1.0))
+    weight = floor + (1.0 - floor) * np.nan_to_num(values, nan=0.0)[..., None]
+    a = (rgba[..., 3:4].astype(np.float32) / 255.0) * alpha * weight.astype(np.float32)
     blended = img * (1.0 - a) + rgba[..., :3].astype(np.float32) * a
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
 

@@ -102,3 +102,26 @@ def tiny_model_config(tiny_llm_dir):
             patch_encoder=None, **kw)
 
     return make
+
+
+# ---------------------------------------------------------------- app (issue 7): a tiny assistant that reads slide files
+@pytest.fixture(scope="session")
+def tiny_slide_assistant(tiny_llm_dir):
+    """A tiny random SlideAssistant with the demo-CNN patch encoder (random weights when none are packaged),
+    so it tiles and encodes real slide files end to end; shared by the app tests."""
+    import torch
+
+    from slidechat.model.assistant import SlideAssistant
+    from slidechat.model.config import (LLMConfig, PatchEncoderRef, QFormerConfig, SlideAssistantConfig,
+                                        SlideEncoderConfig)
+    from slidechat.encoders import load_encoder
+
+    dim = int(load_encoder("demo-cnn").embed_dim)
+    config = SlideAssistantConfig(
+        encoder=SlideEncoderConfig(feature_dim=dim, hidden_size=32, num_heads=2, region_size=4, slide_layers=1,
+                                   num_slide_tokens=2),
+        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64),
+        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=PatchEncoderRef(name="demo-cnn"))
+    torch.manual_seed(0)
+    return SlideAssistant(config, device="cpu")

@@ -55,6 +55,8 @@ def test_overlay_changes_only_covered_pixels_and_respects_alpha():
     assert (out[60:, :] == 240).all()  # below the patches: untouched
     assert (out[:, 110:] == 240).all()  # right of the patches: untouched
     assert np.abs(out[10, 10] - out[10, 60]).sum() > 60  # low vs high score differ in colour
+    flat = np.asarray(viz.overlay_heatmap(thumb, scores, coords, 500, size0, alpha=0.8, alpha_floor=1.0)).astype(int)
+    assert np.abs(flat[10, 10] - 240).sum() > np.abs(out[10, 10] - 240).sum()  # floor<1 keeps low scores fainter
     smooth = viz.overlay_heatmap(thumb, scores, coords, 500, size0, alpha=0.8, smooth=1.0)
     assert smooth.size == thumb.size
 
