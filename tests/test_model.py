@@ -18,7 +18,7 @@ from slidechat.model.config import LLMConfig, SlideAssistantConfig
 from slidechat.model.qformer import QFormerProjector, chunked_attention
 from slidechat.model.slide_encoder import patch_grid_from_coords, segment_softmax
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the 2 shared cores are oversubscribed; 1 thread avoids OpenMP spin-waits
 
 
 def _grid_coords(n: int, width: int, step: int = 224, seed: int = 0) -> torch.Tensor:
@@ -122,16 +122,17 @@ _MEM_SCRIPT = textwrap.dedent("""
 
 
 def test_encoder_and_qformer_memory_grows_linearly():
-    """Peak RSS growth of encoder + Q-Former at 12.5k vs 50k patches: ~4x (linear), far from 16x (quadratic)."""
+    """Peak RSS growth of encoder + Q-Former at 25k vs 100k patches: <= ~4x (linear + fixed overhead), far from
+    the 16x of N x N attention; 100k patches stay well under the issue's "a few GB"."""
     def peak_kb(n: int) -> int:
         res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n)], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         return int(res.stdout.strip().splitlines()[-1])
 
-    small, large = peak_kb(12_500), peak_kb(50_000)
+    small, large = peak_kb(25_000), peak_kb(100_000)
     ratio = large / max(small, 1)
-    assert 2.0 < ratio < 7.0, (small, large)
-    assert large < 2_000_000  # < 2 GB extra for 50k patches (hidden 128)
+    assert 1.5 < ratio < 6.0, (small, large)
+    assert large < 1_500_000  # < 1.5 GB extra for 100k patches
 
 
 # ---------------------------------------------------------------- Q-Former

@@ -11,6 +11,7 @@ Never downloads: hub ids are resolved with ``local_files_only=True``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -98,6 +99,7 @@ def convert_gguf_to_hf(name: str, out_dir: Path | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any HF cache
         if (out_dir / "config.json").exists():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -152,6 +154,34 @@ def quantization_config(kind: str | None, device: str | torch.device):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+# Chat templates for base-model tokenizers that ship none (e.g. the Gemma-3-270M GGUF): the family's own format.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def fallback_chat_template(source: str, tokenizer) -> str | None:
+    """The family's chat format for a tokenizer without a template (Gemma turns, or ChatML if its tokens exist)."""
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        model_type = ""
+    vocab = tokenizer.get_vocab()
+    if model_type.startswith("gemma") and "<start_of_turn>" in vocab:
+        return GEMMA_CHAT_TEMPLATE
+    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        return CHATML_TEMPLATE
+    return None
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
@@ -160,7 +190,12 @@ def load_tokenizer(source: str):
     except OSError as exc:
         raise CheckpointError(f"cannot load the tokenizer of {source}: {exc}") from exc
     if getattr(tok, "chat_template", None) is None:
-        raise ConfigError(f"the tokenizer of {source} has no chat template; use an instruction-tuned LLM")
+        template = fallback_chat_template(source, tok)
+        if template is None:
+            raise ConfigError(f"the tokenizer of {source} has no chat template and none is known for this model "
+                              "family; use an instruction-tuned LLM")
+        log.info("%s has no chat template; using the model family's format", source)
+        tok.chat_template = template
     return tok
 
 
