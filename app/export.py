@@ -78,10 +78,12 @@ def markdown_to_html(markdown: str) -> str:
 def _img_tag(image: Any, alt: str) -> str:
     if image is None:
         return ""
+    img = image.convert("RGB")
+    img.thumbnail((800, 800))
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    img.save(buf, format="JPEG", quality=85)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/jpeg;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
 _CSS = """

@@ -108,6 +108,11 @@ class SessionRegistry:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def sessions(self) -> list[SlideSession]:
+        """A snapshot of the live sessions."""
+        with self._lock:
+            return list(self._sessions.values())
+
     def get(self, session_id: str | None) -> SlideSession:
         """The session for this id, created on first use."""
         sid = _SAFE_ID.sub("_", session_id or "anonymous")[:64] or "anonymous"

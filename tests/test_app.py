@@ -120,7 +120,7 @@ def test_report_markdown_json_and_html(service, opened):
     assert set(data["fields"]) >= {"tissue_types", "lesion_present", "tumor_fraction_percent", "summary"}
     assert data["slide"]["patches"] == session.info["patches"]
     page = html_path.read_text()
-    assert page.startswith("<!doctype html>") and "<table>" in page and "data:image/png;base64," in page
+    assert page.startswith("<!doctype html>") and "<table>" in page and "data:image/jpeg;base64," in page
     assert "untrained model" in page and "case-0.tiff" in page
 
 
