@@ -1,0 +1,239 @@
+"""Tiling benchmark: how fast patches come off a slide, against a naive loop and the JPEG-decode limit.
+
+For each slide (a large SynthSlide by default, plus any slide paths given) and the same set of tissue
+patches it measures patches/s of
+
+  (a) our extractor's read path: PatchBlockDataset + DataLoader with ``--workers`` processes
+      (tile-aligned block reads, one resize per block, patches cut by reshape);
+  (b) a naive loop calling ``tiffslide.TiffSlide.read_region`` once per patch (one process);
+  (c) the limit: decoding only the JPEG tiles those patches need, with ``--workers`` threads
+      (tile bytes read beforehand; the imagecodecs decoder releases the GIL),
+
+and prints a table with the ratios a/b and a/c (same run, same machine), writes JSON and a bar plot.
+
+    python benchmarks/tiling.py                      # large synthetic slide (generated once, cached)
+    python benchmarks/tiling.py tests/data/cmu-1-small-region.svs --no-synth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def select_blocks(dataset, max_patches: int) -> list[int]:
+    """The first blocks (in reading order) holding at least ``max_patches`` patches (all when 0)."""
+    chosen, n = [], 0
+    for i, idx in enumerate(dataset.blocks):
+        chosen.append(i)
+        n += len(idx)
+        if max_patches and n >= max_patches:
+            break
+    return chosen
+
+
+def bench_ours(dataset, blocks: list[int], workers: int) -> tuple[float, int]:
+    """patches/s of the DataLoader path, timed from the first block received (worker start-up excluded)."""
+    from torch.utils.data import Subset
+
+    from slidechat.slide.tiling import patch_loader
+
+    loader = patch_loader(Subset(dataset, blocks), num_workers=workers)
+    n, t0, first = 0, None, 0
+    for idx, patches in loader:
+        if t0 is None:
+            t0, first = time.perf_counter(), len(idx)
+            continue
+        n += len(idx)
+        assert patches.shape[1] == dataset.grid.patch_size
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    return (n / elapsed if elapsed > 0 else float("nan")), n + first
+
+
+def bench_naive(path: Path, grid, indices: np.ndarray) -> tuple[float, int]:
+    """patches/s of one tiffslide.read_region per patch (+ resize when the level differs), one process."""
+    import tiffslide
+    from PIL import Image
+
+    size = grid.patch_size
+    with tiffslide.TiffSlide(path) as slide:
+        t0 = time.perf_counter()
+        for i in indices:
+            x, y = grid.coords[i]
+            img = slide.read_region((int(x), int(y)), grid.level, (grid.patch_size_level, grid.patch_size_level))
+            img = img.convert("RGB")
+            if grid.needs_resize:
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            np.asarray(img)
+        elapsed = time.perf_counter() - t0
+    return len(indices) / elapsed, len(indices)
+
+
+def needed_tiles(grid, dataset, blocks: list[int], tile_w: int, tile_h: int) -> set[tuple[int, int]]:
+    """(tile_x, tile_y) at the read level covering every block region our path reads."""
+    tiles: set[tuple[int, int]] = set()
+    k, p0, ds = grid.block_cells, grid.patch_size_level0, grid.level_downsample
+    for b in blocks:
+        rc = grid.grid_index[dataset.blocks[b]]
+        origin = (rc[0] // k) * k
+        local = rc - origin
+        x0 = origin[1] * p0 / ds
+        y0 = origin[0] * p0 / ds
+        x1 = x0 + (local[:, 1].max() + 1) * p0 / ds
+        y1 = y0 + (local[:, 0].max() + 1) * p0 / ds
+        for ty in range(int(y0 // tile_h), int(np.ceil(y1 / tile_h))):
+            for tx in range(int(x0 // tile_w), int(np.ceil(x1 / tile_w))):
+                tiles.add((tx, ty))
+    return tiles
+
+
+def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: int, workers: int) -> dict:
+    """patches/s if producing the patches cost only decoding their JPEG tiles (``workers`` threads)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[grid.level].keyframe
+        if not page.is_tiled:
+            return {"patches_per_s": float("nan"), "tiles": 0, "note": "level is not tiled"}
+        tw, th = page.tilewidth, page.tilelength
+        n_x = -(-page.imagewidth // tw)
+        tiles = sorted(needed_tiles(grid, dataset, blocks, tw, th))
+        offsets, counts = page.dataoffsets, page.databytecounts
+        fh = tf.filehandle
+        raw = []
+        for tx, ty in tiles:
+            j = ty * n_x + tx
+            fh.seek(offsets[j])
+            raw.append((fh.read(counts[j]), j))
+        jpegtables = page.jpegtables
+        decode = page.decode
+
+        def work(item):
+            data, j = item
+            return decode(data, j, jpegtables=jpegtables)[0].shape
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(work, raw[: min(8, len(raw))]))  # warm up
+            t0 = time.perf_counter()
+            list(pool.map(work, raw, chunksize=8))
+            elapsed = time.perf_counter() - t0
+    return {"patches_per_s": n_patches / elapsed, "tiles": len(tiles), "tiles_per_s": len(tiles) / elapsed,
+            "tile_size": [tw, th]}
+
+
+def bench_slide(path: Path, args) -> dict:
+    from slidechat.slide.reader import SlideReader
+    from slidechat.slide.tiling import PatchBlockDataset, make_tile_grid
+    from slidechat.slide.tissue import detect_tissue
+
+    with SlideReader(path, mpp=args.mpp) as reader:
+        info = reader.info()
+        grid = make_tile_grid(reader, detect_tissue(reader), target_mpp=args.target_mpp, patch_size=args.patch_size)
+    dataset = PatchBlockDataset(path, grid, mpp=args.mpp)
+    blocks = select_blocks(dataset, args.max_patches)
+    indices = np.concatenate([dataset.blocks[b] for b in blocks])
+    # a small slide is read several times over so that (a) is timed in steady state
+    repeat = max(1, -(-args.min_timed_patches // len(indices)))
+    rounds = []
+    for _ in range(args.rounds):  # interleaved rounds; best of each (the machine may be shared)
+        a, n_a = bench_ours(dataset, blocks * repeat, args.workers)
+        naive_idx = indices[: args.naive_patches] if args.naive_patches else indices
+        b, n_b = bench_naive(path, grid, naive_idx)
+        c = bench_decode_limit(path, grid, dataset, blocks, len(indices), args.workers)
+        rounds.append({"a": a, "b": b, "c": c["patches_per_s"]})
+    a = max(r["a"] for r in rounds)
+    b = max(r["b"] for r in rounds)
+    c["patches_per_s"] = max(r["c"] for r in rounds)
+    return {
+        "rounds": rounds, "repeat": repeat,
+        "slide": str(path), "info": info, "patches_on_slide": len(grid), "patches_timed": int(n_a),
+        "naive_patches_timed": int(n_b), "level": grid.level, "patch_size": grid.patch_size,
+        "patch_size_level": grid.patch_size_level, "block_cells": grid.block_cells,
+        "a_ours_patches_per_s": a, "b_naive_patches_per_s": b, "c_decode_limit_patches_per_s": c["patches_per_s"],
+        "decode": c, "a_over_b": a / b, "a_over_c": a / c["patches_per_s"],
+    }
+
+
+def ensure_synth(size: str, out: Path) -> Path:
+    from slidechat.synth import generate_dataset
+
+    slides = sorted((out / "slides").glob("*.tiff")) if (out / "slides").is_dir() else []
+    if not slides or not (out / "truth.jsonl").is_file():
+        t0 = time.perf_counter()
+        generate_dataset(out, n=1, seed=0, size=size)
+        print(f"generated {size} synthetic slide in {time.perf_counter() - t0:.0f}s")
+        slides = sorted((out / "slides").glob("*.tiff"))
+    return slides[0]
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.25
+    xs = np.arange(len(results))
+    for k, (key, label) in enumerate([("a_ours_patches_per_s", "(a) ours"), ("b_naive_patches_per_s", "(b) naive"),
+                                      ("c_decode_limit_patches_per_s", "(c) decode limit")]):
+        ax.bar(xs + (k - 1) * width, [r[key] for r in results], width, label=label)
+    ax.set_xticks(xs, [Path(r["slide"]).name for r in results])
+    ax.set_ylabel("patches / s")
+    ax.legend()
+    ax.set_title("Patch reading throughput (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("slides", nargs="*", help="extra slide paths to benchmark")
+    p.add_argument("--synth-size", default="large", help="SynthSlide size to generate and benchmark (default large)")
+    p.add_argument("--no-synth", action="store_true", help="only the given slides")
+    p.add_argument("--synth-dir", default=str(ROOT / "outputs" / "bench"), help="where the synthetic slide is cached")
+    p.add_argument("--workers", type=int, default=2, help="reader processes for (a), decode threads for (c)")
+    p.add_argument("--max-patches", type=int, default=6000, help="patches timed per slide (0 = all)")
+    p.add_argument("--naive-patches", type=int, default=600, help="patches timed for the naive loop (0 = same)")
+    p.add_argument("--min-timed-patches", type=int, default=2000, help="re-read small slides up to this many")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best of each is kept)")
+    p.add_argument("--target-mpp", type=float, default=0.5)
+    p.add_argument("--patch-size", type=int, default=224)
+    p.add_argument("--mpp", type=float, default=None)
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "tiling.json"), help="JSON results path")
+    args = p.parse_args(argv)
+
+    slides = [Path(s) for s in args.slides]
+    if not args.no_synth:
+        slides.insert(0, ensure_synth(args.synth_size, Path(args.synth_dir) / args.synth_size))
+    results = [bench_slide(s, args) for s in slides]
+    header = f"{'slide':<28} {'patches':>8} {'(a) ours':>10} {'(b) naive':>10} {'(c) limit':>10} {'a/b':>6} {'a/c':>6}"
+    print(f"workers={args.workers}  target_mpp={args.target_mpp}  patch={args.patch_size}  cpus={os.cpu_count()}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{Path(r['slide']).name[:28]:<28} {r['patches_timed']:>8} {r['a_ours_patches_per_s']:>10.0f} "
+              f"{r['b_naive_patches_per_s']:>10.0f} {r['c_decode_limit_patches_per_s']:>10.0f} "
+              f"{r['a_over_b']:>6.2f} {r['a_over_c']:>6.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"workers": args.workers, "target_mpp": args.target_mpp, "patch_size": args.patch_size,
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
