@@ -135,3 +135,31 @@ def test_cli_runs_a_stage_and_reports_bad_recipe(tiny_data, capsys):
     assert out["steps"] == 2
     assert train_main(["--recipe", "training/recipes/tiny.yaml", "--set", "train.bogus=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_fast_forward_matches_the_assistant_loss(tiny_data):
+    """The loop's cheaper forward (LM head on labelled positions only) gives the model's own loss and grads."""
+    from training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
+    from training.forward import fast_forward
+    from training.model_hooks import build_model, pad_token_id
+
+    root, llm = tiny_data
+    r = tiny_recipe(root, llm, "ff", **{"train.train_llm": "lora",
+                                        "train.lora": "{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj]}"})
+    torch.manual_seed(0)
+    model = build_model(r)
+    samples = load_samples(root / "instructions.json", "instructions", SkipCounter())
+    ds = SlideConversationDataset(samples, model.tokenize_conversation, FeatureResolver(root / "features"),
+                                  max_length=256, extra_tokens=3)
+    batch = Collator(pad_token_id(model))([ds[i] for i in range(3)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "slide_features", "slide_coords")}
+    ref = model(**inputs).loss
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast = fast_forward(model, inputs).loss
+    fast.backward()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in g_ref:
+            torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -25,6 +25,7 @@ from slidechat.errors import ConfigError, DataError
 from slidechat.utils.io import write_json_atomic
 from training import model_hooks
 from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from training.forward import fast_forward
 from training.grounding import forward_with_grounding
 from training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
 from training.logger import TrainLogger
@@ -230,6 +231,7 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
     if grounding and unwrapped.num_slide_tokens is None:
         log.warning("[%s] grounding loss needs the Q-Former projector; ignored", recipe.name)
         grounding = False
+    fast = cfg.fast_forward and accelerator.num_processes == 1 and not sharded
     loss_before = None
     if cfg.eval_batches and ckpt is None:
         loss_before = fixed_batches_loss(model, dataset, collator, cfg.eval_batches, cfg.batch_size, accelerator.device)
@@ -247,7 +249,10 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
             if batch is None:
                 continue
             with accelerator.accumulate(model):
-                if grounding:
+                if fast:
+                    out = fast_forward(model, _to_device(batch, accelerator.device, grounding),
+                                       cfg.grounding_weight if grounding else 0.0, cfg.grounding_target)
+                elif grounding:
                     out = forward_with_grounding(model, _to_device(batch, accelerator.device, True),
                                                  cfg.grounding_weight, cfg.grounding_target)
                 else:

@@ -133,8 +133,29 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
         record("data", {"samples": counts, "grounding_targets": n_targets})
 
     prev_final: Path | None = None
+    if recipe.slide_pretrain is not None and recipe.stages:
+        prev_final = out / "pretrain" / "final"
+        if resume and (prev_final / "config.json").exists():
+            log.info("[pipeline] slide pretrain: already done (%s)", prev_final)
+        else:
+            from training.model_hooks import build_model
+            from training.slide_pretrain import SlidePretrainConfig, pretrain_slide_encoder
+
+            first = prepare_stage(recipe.stages[0], out, None, cnn_path if cnn_path.exists() else None, embed_dim,
+                                  recipe.extract)
+            first.train.train_llm = "frozen"
+            torch.manual_seed(first.train.seed)
+            model = build_model(first)
+            m = pretrain_slide_encoder(model, synth_dir, features_dir, first.data.grounding_dir,
+                                       SlidePretrainConfig(**recipe.slide_pretrain))
+            model.save_pretrained(prev_final)
+            record("slide_pretrain", m)
+            del model
     stage_metrics = []
     for stage in recipe.stages:
+        if prev_final is not None and stage.init_from is None:
+            stage = copy.deepcopy(stage)
+            stage.model = {}
         st = prepare_stage(stage, out, prev_final, cnn_path if cnn_path.exists() else None, embed_dim, recipe.extract)
         final = Path(st.output_dir) / "final"
         if resume and (Path(st.output_dir) / "metrics.json").exists() and (final / "config.json").exists():

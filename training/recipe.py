@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"           # auto: bf16 on GPUs that support it, else fp16 on GPU, no on CPU
     gradient_checkpointing: bool = False
+    fast_forward: bool = True               # LM head only on labelled positions (one process; same loss)
     train_llm: str = "frozen"               # frozen | lora | full
     train_modules: list[str] = field(default_factory=lambda: ["slide_encoder", "projector"])
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -140,6 +141,7 @@ class PipelineRecipe:
     patch_cnn: PatchCNNStep | None = None
     extract: ExtractStep | None = None
     stages: list[StageRecipe] = field(default_factory=list)
+    slide_pretrain: dict[str, Any] | None = None  # training.slide_pretrain.SlidePretrainConfig (before stage 1)
     demo_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_demo_instructions options
     export: str | None = None
     evaluate: dict[str, Any] = field(default_factory=dict)   # training.measure.measure_checkpoint options

@@ -59,8 +59,13 @@ def report_answers(truth: dict, caption: str | None) -> dict[str, str]:
 
 
 def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 4,
-                            report_questions: bool = True, open_questions: bool = True, seed: int = 0) -> dict:
-    """Write the demo's stage-2 instruction JSON from a SynthSlide folder; returns counts per kind."""
+                            report_questions: bool = True, open_questions: bool = True, seed: int = 0,
+                            turns_per_conversation: int = 1) -> dict:
+    """Write the demo's stage-2 instruction JSON from a SynthSlide folder; returns counts per kind.
+
+    ``turns_per_conversation`` > 1 packs a slide's questions (shuffled) into multi-turn conversations: the system
+    prompt and slide tokens are then paid once per conversation instead of once per question.
+    """
     from slidechat import prompts
     from slidechat.synth import text as T
 
@@ -92,9 +97,30 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
         for q in read_jsonl(synth_dir / "open_vqa.jsonl"):
             add(q["id"], q["slide_id"], q["question"], q["answer"])
             counts["open"] += 1
+    if turns_per_conversation > 1:
+        records = pack_conversations(records, turns_per_conversation, seed)
     order = np.random.default_rng(seed).permutation(len(records))
     write_json_atomic(Path(out_path), [records[i] for i in order], indent=None)
     return counts
+
+
+def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[dict]:
+    """Group single-turn records of the same slide into conversations of up to ``turns`` question/answer pairs."""
+    by_slide: dict[str, list[dict]] = {}
+    for r in records:
+        by_slide.setdefault(r["image"][0], []).append(r)
+    rng = np.random.default_rng([seed, 3])
+    out = []
+    for image, recs in by_slide.items():
+        recs = [recs[i] for i in rng.permutation(len(recs))]
+        for c in range(0, len(recs), turns):
+            group = recs[c:c + turns]
+            conv = []
+            for k, r in enumerate(group):
+                q = r["conversations"][0]["value"].replace("<image>\n", "")
+                conv += [{"from": "human", "value": ("<image>\n" + q) if k == 0 else q}, r["conversations"][1]]
+            out.append({"id": f"{group[0]['id']}+{len(group) - 1}", "image": [image], "conversations": conv})
+    return out
 
 
 def lesion_patch_targets(truth: dict, synth_dir: Path, coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
