@@ -220,3 +220,41 @@ def test_conversation_accepts_encoded_or_raw(assistant):
     f = _features(40)
     conv = Conversation(assistant, f)
     assert conv.slide.slide_id == "s40" and conv.state.tokens.shape == (8, 64)
+
+
+def test_slide_state_cache_follows_weights_and_content(assistant):
+    f = _features(30)
+    f.attrs.pop("slide_sha256")
+    g = _features(30, seed=5)
+    g.attrs.pop("slide_sha256")  # same slide_id, different content: must not share a cache entry
+    a, b = assistant.chat(f), assistant.chat(g)
+    assert a.slide.sha256 != b.slide.sha256 and not torch.equal(a.state.tokens, b.state.tokens)
+    before = assistant.chat(f).state.tokens.clone()
+    with torch.no_grad():
+        assistant.projector.language_projection.bias.add_(1.0)  # like an optimizer step
+    try:
+        after = assistant.chat(f).state.tokens
+        assert torch.allclose(after, before + 1.0, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            assistant.projector.language_projection.bias.sub_(1.0)
+
+
+def test_checkpoint_embeds_patch_encoder_weights(tiny_model_config, tmp_path):
+    from safetensors.torch import save_file
+
+    from slidechat.model.config import PatchEncoderRef
+
+    weights = tmp_path / "cnn.safetensors"
+    save_file({"w": torch.ones(3)}, str(weights))
+    cfg = tiny_model_config()
+    cfg.patch_encoder = PatchEncoderRef(name="demo-cnn", weights=str(weights))
+    model = SlideAssistant(cfg, device="cpu")
+    ck = model.save_pretrained(tmp_path / "ck")
+    assert (ck / "patch_encoder.safetensors").read_bytes() == weights.read_bytes()
+    assert json.loads((ck / "config.json").read_text())["patch_encoder"]["weights"] == "patch_encoder.safetensors"
+    loaded = SlideAssistant.from_pretrained(ck, device="cpu")
+    assert loaded.patch_encoder_weights_path() == ck / "patch_encoder.safetensors"
+    from slidechat.inference.encode import encoder_cache_key
+
+    assert encoder_cache_key(loaded) == encoder_cache_key(model)  # same weights -> same feature cache

@@ -43,8 +43,11 @@ def prepare_slide(assistant, slide) -> SlideState:
     """Run the slide encoder + projector once for ``slide`` (cached on the assistant by sha256, last 4 slides)."""
     enc_slide = as_encoded_slide(assistant, slide)
     cache: dict = assistant.__dict__.setdefault("_slide_states", {})
-    if enc_slide.sha256 in cache:
-        return cache[enc_slide.sha256]
+    # in-place weight updates (optimizer steps, load_state_dict) bump tensor versions and invalidate the entry
+    version = sum(p._version for m in (assistant.slide_encoder, assistant.projector) for p in m.parameters())
+    key = (enc_slide.sha256, version)
+    if key in cache:
+        return cache[key]
     feats = enc_slide.features
     f = torch.from_numpy(np.ascontiguousarray(feats.features, dtype=np.float32))
     c = None if feats.coords is None else torch.from_numpy(np.asarray(feats.coords, dtype=np.int64))
@@ -63,7 +66,7 @@ def prepare_slide(assistant, slide) -> SlideState:
                        selected_patches=selected)
     if len(cache) >= 4:
         cache.pop(next(iter(cache)))
-    cache[enc_slide.sha256] = state
+    cache[key] = state
     return state
 
 

@@ -7,11 +7,14 @@ features. ``cache_dir`` defaults to ``$SLIDECHAT_CACHE_DIR/features`` (``~/.cach
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from slidechat.errors import DataError, SlideReadError
 from slidechat.model.llm import cache_root
@@ -112,7 +115,12 @@ def as_encoded_slide(assistant, slide) -> EncodedSlide:
         return slide
     if hasattr(slide, "features") and hasattr(slide, "coords"):
         sid = getattr(slide, "slide_id", "") or "slide"
-        sha = str(getattr(slide, "attrs", {}).get("slide_sha256", "")) or sid
+        sha = str(getattr(slide, "attrs", {}).get("slide_sha256", ""))
+        if not sha:  # features made in memory: identify them by content
+            h = hashlib.sha256(np.ascontiguousarray(slide.features).tobytes())
+            if slide.coords is not None:
+                h.update(np.ascontiguousarray(slide.coords).tobytes())
+            sha = "features-" + h.hexdigest()
         return EncodedSlide(slide_id=sid, sha256=sha, features=slide, h5_path=getattr(slide, "path", None),
                             source_path=getattr(slide, "path", None))
     return encode_slide(assistant, slide)
