@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="output folder; rerunning resumes from predictions.jsonl")
     r.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=None, help="default: all available")
     r.add_argument("--limit", type=int, help="at most this many items per task (quick looks)")
-    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--max-new-tokens", type=int, default=256, help="for open VQA and captions (default 256)")
+    r.add_argument("--mcq-max-new-tokens", type=int, default=32, help="for closed VQA answers (default 32)")
+    r.add_argument("--cache-dir", help="feature cache folder (default: the slidechat cache)")
+    r.add_argument("--no-progress", action="store_true")
     r.add_argument("--device", default=None)
     r.add_argument("--overlays", type=int, default=4, help="heatmap overlay images to save (default 4)")
     r.add_argument("--no-plots", action="store_true")
@@ -105,6 +108,7 @@ def _run_model(args) -> int:
     cfg = EvalRunConfig(
         checkpoint=args.checkpoint, data=args.data, out_dir=args.out, tasks=args.tasks, limit=args.limit,
         features_dir=args.features_dir, slides_dir=args.slides_dir, max_new_tokens=args.max_new_tokens,
+        mcq_max_new_tokens=args.mcq_max_new_tokens, cache_dir=args.cache_dir, progress=not args.no_progress,
         device=args.device, n_overlays=args.overlays, plots=not args.no_plots,
         bootstrap=_bootstrap_cfg(args), text=_text_cfg(args),
     )

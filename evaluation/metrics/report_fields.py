@@ -1,13 +1,16 @@
 """Accuracy of structured report fields against ground truth (SynthSlide ``reports.jsonl``).
 
 Comparison rules per field value type (of the truth):
-- numbers: correct when ``|pred - truth| <= numeric_tolerance`` (absolute; fractions are in [0, 1]);
-  a predicted string such as "35%" or "0.35" is parsed, percentages divided by 100;
+- numbers: correct when ``|pred - truth| <= numeric_tolerance`` (absolute, for fractions in [0, 1]);
+  fields whose name contains ``percent`` are in percent and use ``100 * numeric_tolerance``;
+  a predicted string such as "35%" is parsed (divided by 100 unless the field is a percent field);
 - lists/sets: correct when equal as case-insensitive sets; the Jaccard index is reported too;
 - booleans: "yes/true/present" vs "no/false/absent";
 - None/null: correct when the prediction is empty/none/absent/not present;
 - strings: equal after lower-casing and stripping punctuation.
-A field missing from the prediction is wrong.
+A field missing from one prediction is wrong. Fields the model never outputs (no prediction has the
+key, e.g. SynthSlide's ``specimen_fragments`` for a model whose report has no such field) are not
+scored but listed under ``not_predicted``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ _FALSE = {"no", "false", "absent", "0", "negative", "none", "not present"}
 _NULL = {"", "none", "null", "n a", "na", "absent", "not present", "no lesion", "not applicable"}
 
 
-def _to_float(value) -> float | None:
+def _to_float(value, percent_field: bool = False) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -31,7 +34,8 @@ def _to_float(value) -> float | None:
     if not m:
         return None
     number = float(m.group())
-    return number / 100.0 if "%" in str(value)[m.end():m.end() + 2] else number
+    is_percent = "%" in str(value)[m.end():m.end() + 2]
+    return number / 100.0 if is_percent and not percent_field else number
 
 
 def _as_set(value) -> set[str]:
@@ -40,7 +44,8 @@ def _as_set(value) -> set[str]:
     return {normalize_text(v) for v in re.split(r"[,;/]| and ", str(value or "")) if normalize_text(v)}
 
 
-def compare_field(pred, truth, numeric_tolerance: float = 0.1) -> tuple[bool, float | None]:
+def compare_field(pred, truth, numeric_tolerance: float = 0.1, percent_field: bool = False
+                  ) -> tuple[bool, float | None]:
     """Return (correct, jaccard or None) for one field; see the module docstring for the rules."""
     if truth is None:
         return (pred is None or normalize_text(pred) in _NULL), None
@@ -50,8 +55,9 @@ def compare_field(pred, truth, numeric_tolerance: float = 0.1) -> tuple[bool, fl
         p = normalize_text(pred) if not isinstance(pred, bool) else ("true" if pred else "false")
         return (p in _TRUE) if truth else (p in _FALSE), None
     if isinstance(truth, (int, float)):
-        p = _to_float(pred)
-        return (p is not None and abs(p - float(truth)) <= numeric_tolerance + 1e-12), None
+        p = _to_float(pred, percent_field)
+        tol = numeric_tolerance * (100.0 if percent_field else 1.0)
+        return (p is not None and abs(p - float(truth)) <= tol + 1e-9), None
     if isinstance(truth, (list, tuple, set)):
         t, p = _as_set(truth), _as_set(pred)
         union = t | p
@@ -73,11 +79,15 @@ def report_field_accuracy(pairs: list[tuple[dict, dict]], numeric_tolerance: flo
     hits: dict[str, list[float]] = defaultdict(list)
     jaccards: dict[str, list[float]] = defaultdict(list)
     exact = []
+    predicted_keys = {k for pred, _ in pairs for k in (pred or {})}
+    truth_keys = {k for _, truth in pairs for k in truth}
     for pred, truth in pairs:
         pred = pred or {}
         all_ok = True
         for name, true_value in truth.items():
-            ok, jac = compare_field(pred.get(name), true_value, numeric_tolerance)
+            if name not in predicted_keys:
+                continue
+            ok, jac = compare_field(pred.get(name), true_value, numeric_tolerance, "percent" in name)
             hits[name].append(float(ok))
             if jac is not None:
                 jaccards[name].append(jac)
@@ -96,4 +106,5 @@ def report_field_accuracy(pairs: list[tuple[dict, dict]], numeric_tolerance: flo
         "exact_report": sum(exact) / len(exact) if exact else None,
         "n": len(pairs),
         "numeric_tolerance": numeric_tolerance,
+        "not_predicted": sorted(truth_keys - predicted_keys),
     }

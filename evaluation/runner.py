@@ -1,0 +1,288 @@
+"""`slidechat eval run`: run a checkpoint on a benchmark, log raw predictions, score, write the folder.
+
+Tasks (each item asked in a fresh conversation about its slide):
+- ``closed_vqa``: the question with its options (``format_mcq_prompt``), parsed by ``answer_parser``;
+- ``open_vqa``: the question as is; ``captioning``: "Describe this slide."; both scored with caption metrics;
+- ``reports``: ``assistant.report(slide)``: its text vs the reference report, its fields vs the truth;
+- ``grounding`` (SynthSlide slides with a lesion): ``conv.heatmap()`` vs the lesion mask, plus overlays;
+- ``retrieval``: slide<->caption recall@K and zero-shot dominant-tissue accuracy, only when the checkpoint
+  has stage-0 retrieval heads (``training.retrieval.Retriever``); otherwise skipped with a note.
+
+Resume: every answer is appended (fsync) to ``predictions.jsonl`` keyed by (task, id); a rerun with the same
+``--out`` skips what is there (a torn last line from a kill is cut off) and only scores at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evaluation.benchmark_data import BenchmarkData, load_benchmark
+from evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
+from evaluation.jsonl_log import JsonlLog
+from evaluation.output_folder import PREDICTIONS_JSONL, write_predictions, write_results_folder
+from evaluation.scoring import TextScoreConfig, score_text
+from evaluation.slidebench import format_mcq_prompt
+from slidechat.errors import ConfigError, SlideChatError
+from slidechat.utils.io import read_jsonl, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CAPTION_PROMPT = "Describe this slide."
+RUN_JSON = "run.json"
+SCORES_JSONL = "scores.jsonl"
+TASK_ORDER = ("closed_vqa", "open_vqa", "captioning", "reports", "grounding", "retrieval")
+
+
+@dataclass
+class EvalRunConfig:
+    checkpoint: str
+    data: str
+    out_dir: str
+    tasks: list[str] | None = None  # None: all the data supports
+    limit: int | None = None  # at most this many items per task
+    features_dir: str | None = None
+    slides_dir: str | None = None
+    max_new_tokens: int = 256
+    mcq_max_new_tokens: int = 32
+    device: str | None = None
+    n_overlays: int = 4
+    plots: bool = True
+    cache_dir: str | None = None
+    caption_prompt: str = CAPTION_PROMPT
+    progress: bool = True
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    text: TextScoreConfig = field(default_factory=TextScoreConfig)
+
+
+def _key(record: dict) -> tuple[str, str]:
+    return (record["task"], str(record["id"]))
+
+
+def _work_items(data: BenchmarkData, tasks: list[str], limit: int | None) -> list[dict]:
+    """All (task, id, slide_id, prompt, reference...) units, in slide order so each slide is encoded once."""
+    per_task: dict[str, list[dict]] = {t: [] for t in tasks}
+    if "closed_vqa" in tasks:
+        per_task["closed_vqa"] = [{"task": "closed_vqa", "id": it.id, "slide_id": it.slide,
+                                   "prompt": format_mcq_prompt(it)} for it in data.closed_vqa]
+    if "open_vqa" in tasks:
+        per_task["open_vqa"] = [{"task": "open_vqa", "id": str(r["id"]), "slide_id": r["slide_id"],
+                                 "prompt": r["question"]} for r in data.open_vqa]
+    if "captioning" in tasks:
+        per_task["captioning"] = [{"task": "captioning", "id": sid, "slide_id": sid} for sid in data.captions]
+    if "reports" in tasks:
+        per_task["reports"] = [{"task": "reports", "id": sid, "slide_id": sid} for sid in data.reports]
+    if "grounding" in tasks:
+        per_task["grounding"] = [{"task": "grounding", "id": sid, "slide_id": sid}
+                                 for sid in data.truth if data.lesion_mask_path(sid) is not None]
+    order = {sid: i for i, sid in enumerate(data.slides)}
+    units = []
+    for task in tasks:
+        units += per_task.get(task, [])[: limit or None]
+    return sorted(units, key=lambda u: order.get(u["slide_id"], len(order)))
+
+
+def _check_run_meta(out: Path, meta: dict) -> None:
+    path = out / RUN_JSON
+    if path.exists():
+        import json
+
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("checkpoint", "data"):
+            if old.get(key) != meta.get(key):
+                raise ConfigError(f"{out} holds a run with {key}={old.get(key)!r}, not {meta.get(key)!r}; "
+                                  "use another --out (or delete the folder) to start over")
+    else:
+        write_json_atomic(path, meta)
+
+
+def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData, out: Path,
+            overlays_left: list[int]) -> dict:
+    """Run one unit; returns the fields to log (output text, fields, grounding metrics...)."""
+    task = unit["task"]
+    if task == "closed_vqa":
+        return {"output": assistant.chat(enc).ask(unit["prompt"], max_new_tokens=cfg.mcq_max_new_tokens)}
+    if task == "open_vqa":
+        return {"output": assistant.chat(enc).ask(unit["prompt"], max_new_tokens=cfg.max_new_tokens)}
+    if task == "captioning":
+        return {"prompt": cfg.caption_prompt,
+                "output": assistant.chat(enc).ask(cfg.caption_prompt, max_new_tokens=cfg.max_new_tokens)}
+    if task == "reports":
+        rep = assistant.report(enc)
+        return {"output": rep.text, "fields": rep.fields}
+    if task == "grounding":
+        from evaluation.metrics.grounding import grounding_metrics, load_mask
+
+        truth = data.truth[unit["slide_id"]]
+        hm = assistant.chat(enc).heatmap()
+        metrics = grounding_metrics(hm.scores, hm.coords, hm.patch_size_level0,
+                                    load_mask(data.lesion_mask_path(unit["slide_id"])), float(truth["mask_downsample"]))
+        if overlays_left[0] > 0 and data.slides.get(unit["slide_id"]):
+            try:
+                from evaluation.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
+
+                thumb, size0 = slide_thumbnail(data.slides[unit["slide_id"]], 768)
+                img = heatmap_overlay(thumb, size0, hm, boxes_level0=[truth["lesion"]["bbox_level0"]])
+                rel = Path("overlays") / f"{unit['slide_id']}.png"
+                save_image_atomic(img, out / rel)
+                metrics["overlay"] = str(rel)
+                overlays_left[0] -= 1
+            except Exception as exc:  # a figure never fails the metric
+                log.warning("overlay for %s failed: %s", unit["slide_id"], exc)
+        return metrics
+    raise ConfigError(f"unknown task {task!r}")
+
+
+def _run_retrieval(assistant, data: BenchmarkData, cfg: EvalRunConfig) -> dict:
+    """Recall@K slide<->caption and zero-shot dominant tissue; {"skipped": reason} when unsupported."""
+    try:
+        from training.retrieval import Retriever
+
+        retriever = Retriever(assistant)
+    except (ImportError, SlideChatError, AttributeError, OSError) as exc:
+        return {"skipped": f"checkpoint has no retrieval heads ({exc})", "n": 0}
+    import numpy as np
+
+    from evaluation.metrics.retrieval import retrieval_metrics, zero_shot_accuracy
+
+    sids = [s for s in data.captions if data.slides.get(s)][: cfg.limit or None]
+    slides = [assistant.encode_slide(data.slides[s], cache_dir=cfg.cache_dir) for s in sids]
+    s_emb = retriever.embed_slides(slides)
+    t_emb = retriever.embed_texts([data.captions[s] for s in sids])
+    out = retrieval_metrics((s_emb @ t_emb.T).cpu().numpy())
+    dominant = [data.truth.get(s, {}).get("dominant_class") for s in sids]
+    if all(dominant):
+        labels = sorted(set(dominant))
+        names = [lab.replace("_", " ") for lab in labels]
+        sim = (s_emb @ retriever.embed_texts(names).T).cpu().numpy()
+        out["zero_shot_accuracy"] = zero_shot_accuracy(sim, np.array([labels.index(d) for d in dominant]))
+        out["zero_shot_task"] = f"dominant tissue, {len(labels)} classes"
+    return out
+
+
+def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[dict, list[dict]]:
+    """Results + per-item score records from the logged predictions (latest record per key)."""
+    results: dict = {}
+    scored: list[dict] = []
+    by_task: dict[str, dict[str, dict]] = {}
+    for (task, rid), rec in records.items():
+        by_task.setdefault(task, {})[rid] = rec
+    if "closed_vqa" in by_task:
+        outs = {rid: r["output"] for rid, r in by_task["closed_vqa"].items() if r.get("status") == "ok"}
+        asked = [it for it in data.closed_vqa if it.id in by_task["closed_vqa"]]
+        summary, recs = score_closed_vqa(asked, outs, cfg.bootstrap)
+        summary["errors"] = sorted(rid for rid, r in by_task["closed_vqa"].items() if r.get("status") != "ok")
+        results["closed_vqa"] = summary
+        scored += recs
+    refs_for = {
+        "open_vqa": {str(r["id"]): [r["answer"]] for r in data.open_vqa},
+        "captioning": {s: [c] for s, c in data.captions.items()},
+        "reports": {s: [r["report_text"]] for s, r in data.reports.items()},
+    }
+    for task in ("open_vqa", "captioning", "reports"):
+        if task not in by_task:
+            continue
+        outs = {rid: r["output"] for rid, r in by_task[task].items() if r.get("status") == "ok"}
+        refs = {rid: refs_for[task][rid] for rid in by_task[task] if rid in refs_for[task]}
+        res = score_text(task, outs, refs, cfg.text)
+        per_item = res.pop("per_item", {})
+        results[task] = res
+        scored += [{"task": task, "id": rid, "output": outs.get(rid), "references": refs[rid],
+                    **per_item.get(rid, {})} for rid in refs]
+    if "reports" in by_task:
+        from evaluation.metrics.report_fields import report_field_accuracy
+
+        pairs = [(r.get("fields") or {}, data.reports[rid]["report"]) for rid, r in by_task["reports"].items()
+                 if rid in data.reports and isinstance(data.reports[rid].get("report"), dict)]
+        if pairs:
+            results["report_fields"] = report_field_accuracy(pairs, cfg.text.numeric_tolerance)
+    if "grounding" in by_task:
+        from evaluation.metrics.grounding import summarize_grounding
+
+        ok = [r for r in by_task["grounding"].values() if r.get("status") == "ok"]
+        results["grounding"] = summarize_grounding(ok)
+        results["grounding"]["per_slide"] = {r["id"]: {k: r[k] for k in ("pointing_hit", "mass_in_lesion",
+                                                                          "chance_pointing", "chance_mass")}
+                                             for r in ok}
+        results["grounding"]["overlays"] = [r["overlay"] for r in ok if r.get("overlay")]
+    return results, scored
+
+
+def run_evaluation(cfg: EvalRunConfig) -> dict:
+    """Run (or resume) an evaluation and write the output folder; returns the results dict."""
+    import slidechat
+
+    data = load_benchmark(cfg.data, cfg.features_dir, cfg.slides_dir)
+    available = data.available_tasks()
+    tasks = [t for t in TASK_ORDER if t in (cfg.tasks or available)]
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise ConfigError(f"{cfg.data} has no data for task(s) {', '.join(missing)}; available: {', '.join(available)}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"checkpoint": str(cfg.checkpoint), "data": str(Path(cfg.data).resolve()), "tasks": tasks,
+            "model": Path(str(cfg.checkpoint)).name or str(cfg.checkpoint), "name": out.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _check_run_meta(out, meta)
+    assistant = slidechat.load(cfg.checkpoint, device=cfg.device)
+    plog = JsonlLog(out / PREDICTIONS_JSONL, key=_key)
+    units = [u for u in _work_items(data, [t for t in tasks if t != "retrieval"], cfg.limit) if _key(u) not in plog]
+    overlays_left = [max(0, cfg.n_overlays - sum(1 for r in plog.records if r.get("overlay")))]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(units), unit="item", desc="eval", disable=not cfg.progress)
+    enc_sid, enc, enc_error = None, None, None
+    try:
+        for unit in units:
+            sid = unit["slide_id"]
+            if sid != enc_sid:
+                enc_sid, enc, enc_error = sid, None, None
+                path = data.slides.get(sid)
+                try:
+                    if path is None:
+                        raise SlideChatError(f"no slide or feature file found for slide {sid!r}")
+                    enc = assistant.encode_slide(path, cache_dir=cfg.cache_dir)
+                except Exception as exc:
+                    enc_error = f"{type(exc).__name__}: {exc}"
+            t0 = time.perf_counter()
+            record = {k: unit[k] for k in ("task", "id", "slide_id")}
+            if "prompt" in unit:
+                record["prompt"] = unit["prompt"]
+            if enc_error:
+                record.update(status="error", error=enc_error, output=None)
+            else:
+                try:
+                    record.update(_answer(assistant, enc, unit, cfg, data, out, overlays_left), status="ok")
+                except Exception as exc:
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                        raise
+                    log.warning("%s %s failed: %s", unit["task"], unit["id"], exc)
+                    record.update(status="error", error=f"{type(exc).__name__}: {exc}", output=None)
+            record["seconds"] = round(time.perf_counter() - t0, 4)
+            plog.append(record)
+            bar.update(1)
+    finally:
+        bar.close()
+    results, scored = score_run(data, plog.latest(), cfg)
+    if "retrieval" in tasks:
+        results["retrieval"] = _run_retrieval(assistant, data, cfg)
+    notes = [f"retrieval skipped: {results['retrieval']['skipped']}"] if results.get("retrieval", {}).get("skipped") \
+        else []
+    for task in ("open_vqa", "captioning", "reports"):
+        notes += [f"{task}: {n}" for n in results.get(task, {}).get("notes", [])]
+    errors = [r for r in plog.latest().values() if r.get("status") != "ok"]
+    if errors:
+        notes.append(f"{len(errors)} item(s) failed (see predictions.jsonl, status=error)")
+    results = {"meta": {**meta, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "n_predictions": len(plog.latest())}, **results, "notes": notes}
+    write_predictions(out / SCORES_JSONL, scored)
+    write_results_folder(out, results, records=None, plots=cfg.plots)
+    return results
+
+
+def read_predictions(out_dir: str | Path) -> list[dict]:
+    """The raw prediction log of a run folder (torn last line ignored)."""
+    return read_jsonl(Path(out_dir) / PREDICTIONS_JSONL)
