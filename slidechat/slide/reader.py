@@ -267,33 +267,41 @@ class SlideReader:
         lw, lh = self.level_dimensions[level]
         if w <= 0 or h <= 0 or x0 < 0 or y0 < 0 or x0 + w > lw or y0 + h > lh:
             return None
-        fd = self.__dict__.get("_fd")
-        if fd is None:
-            fd = self._fd = os.open(self.path, os.O_RDONLY)
         out = np.empty((h, w, 3), dtype=np.uint8)
         tx0, tx1 = x0 // tw, (x0 + w - 1) // tw
         ty0, ty1 = y0 // th, (y0 + h - 1) // th
+        for ty in range(ty0, ty1 + 1):
+            for tx in range(tx0, tx1 + 1):
+                tile = self.decode_tile(level, tx, ty)
+                # overlap of this tile with the requested region
+                sx0, sy0 = max(x0, tx * tw), max(y0, ty * th)
+                sx1, sy1 = min(x0 + w, (tx + 1) * tw), min(y0 + h, (ty + 1) * th)
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw, :3
+                ]
+        return out
+
+    def tile_layout(self, level: int) -> tuple[int, int] | None:
+        """(tile width, tile height) when ``level`` can be read tile by tile with decode_tile, else None."""
+        index = self._tile_index(level) if 0 <= level < self.level_count else None
+        return None if index is None else (index[1], index[2])
+
+    def decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """Decoded stored tile (tx, ty) of a tiled level: uint8 [tile_h, tile_w, samples] (edge tiles padded)."""
+        page, tw, th, n_x, offsets, counts = self._tile_index(level)
+        fd = self.__dict__.get("_fd")
+        if fd is None:
+            fd = self._fd = os.open(self.path, os.O_RDONLY)
+        j = ty * n_x + tx
         try:
-            for ty in range(ty0, ty1 + 1):
-                for tx in range(tx0, tx1 + 1):
-                    j = ty * n_x + tx
-                    data = os.pread(fd, int(counts[j]), int(offsets[j]))
-                    tile = page.decode(data, j, jpegtables=page.jpegtables)[0]
-                    if tile is None:
-                        return None
-                    tile = tile.reshape(th, tw, -1)
-                    # overlap of this tile with the requested region
-                    sx0, sy0 = max(x0, tx * tw), max(y0, ty * th)
-                    sx1, sy1 = min(x0 + w, (tx + 1) * tw), min(y0 + h, (ty + 1) * th)
-                    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
-                        sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw, :3
-                    ]
+            data = os.pread(fd, int(counts[j]), int(offsets[j]))
+            tile = page.decode(data, j, jpegtables=page.jpegtables)[0]
+            return tile.reshape(th, tw, -1)
         except Exception as exc:
             raise SlideReadError(
-                f"{self.path}: cannot decode tile at {location} level {level} ({type(exc).__name__}: "
+                f"{self.path}: cannot decode tile {tx},{ty} of level {level} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the file may be corrupt or truncated"
             ) from exc
-        return out
 
     def thumbnail(self, max_size: int = 1024) -> Image.Image:
         """An RGB PIL thumbnail whose longer side is at most ``max_size`` px."""

@@ -98,7 +98,8 @@ def cut_patches(region: np.ndarray, cells_rc: np.ndarray, patch: int) -> np.ndar
 
 
 class PatchBlockDataset:
-    """Map-style dataset of blocks: item i -> (patch indices int64 [n], patches uint8 [n, P, P, 3]).
+    """Map-style dataset of blocks: item i -> (patch indices int64 [n], patches uint8 [n, P, P, 3]
+    as a numpy array or a torch tensor).
 
     Picklable (holds only the path and the grid); each DataLoader worker opens its own SlideReader.
     """
@@ -141,12 +142,79 @@ class PatchBlockDataset:
         # read exactly the level pixels covering the used cells (level px of a cell = p0 / ds)
         lw = int(round(n_cols * p0 / g.level_downsample))
         lh = int(round(n_rows * p0 / g.level_downsample))
-        region = self.reader().read_region(loc, g.level, (lw, lh))
+        reader = self.reader()
+        x0_level, y0_level = int(loc[0] / g.level_downsample), int(loc[1] / g.level_downsample)
+        tiles = reader.tile_layout(g.level)
+        if not g.needs_resize and tiles is not None and abs(p0 / g.level_downsample - pl) < 1e-6:
+            out = _patch_buffer(len(idx), g.patch_size)
+            scatter_tiles_to_patches(reader, g.level, tiles, (x0_level, y0_level), local, pl, out.numpy())
+            return idx.astype(np.int64), out
+        region = reader.read_region(loc, g.level, (lw, lh))
         out_w, out_h = n_cols * g.patch_size, n_rows * g.patch_size
         if region.shape[1] != out_w or region.shape[0] != out_h:
             region = np.asarray(Image.fromarray(region).resize((out_w, out_h), Image.Resampling.BILINEAR))
-        del pl
         return idx.astype(np.int64), cut_patches(region, local, g.patch_size)
+
+
+def _patch_buffer(n: int, size: int):
+    """Output array for a block's patches; in a DataLoader worker it lives in shared memory so handing it
+    to the main process costs no copy."""
+    import torch
+    from torch.utils.data import get_worker_info
+
+    shape = (n, size, size, 3)
+    if get_worker_info() is not None:
+        try:  # allocate straight in shared memory (share_memory_() would allocate, then copy)
+            storage = torch.UntypedStorage._new_shared(n * size * size * 3)
+            return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        except (AttributeError, RuntimeError):
+            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def scatter_tiles_to_patches(
+    reader: SlideReader, level: int, tile_wh: tuple[int, int], origin: tuple[int, int], cells_rc: np.ndarray,
+    patch: int, out: np.ndarray,
+) -> None:
+    """Decode each stored tile the patches need once and copy its pixels straight into the patches.
+
+    ``origin`` is the level-px (x, y) of cell (0, 0); patch i covers cell ``cells_rc[i]``. One copy per
+    pixel (tile -> patch), no intermediate region. The loop runs over tiles (and the <= 4 patches each
+    tile overlaps when patch <= tile), not over patch reads.
+    """
+    tw, th = tile_wh
+    x0, y0 = origin
+    n_rows, n_cols = int(cells_rc[:, 0].max()) + 1, int(cells_rc[:, 1].max()) + 1
+    cell_to_out = np.full((n_rows, n_cols), -1, dtype=np.int64)
+    cell_to_out[cells_rc[:, 0], cells_rc[:, 1]] = np.arange(len(cells_rc))
+    # tiles touched by kept patches (vectorised), in file order
+    px0 = x0 + cells_rc[:, 1] * patch
+    py0 = y0 + cells_rc[:, 0] * patch
+    span_x = np.stack([px0 // tw, (px0 + patch - 1) // tw], 1)
+    span_y = np.stack([py0 // th, (py0 + patch - 1) // th], 1)
+    wanted = set()
+    for (ax, bx), (ay, by) in zip(span_x.tolist(), span_y.tolist()):
+        for ty in range(ay, by + 1):
+            for tx in range(ax, bx + 1):
+                wanted.add((ty, tx))
+    for ty, tx in sorted(wanted):
+        tile = reader.decode_tile(level, tx, ty)
+        tx_px, ty_px = tx * tw, ty * th
+        c_lo = max(0, (tx_px - x0 - patch) // patch + 1)
+        c_hi = min(n_cols - 1, -((tx_px + tw - x0) // -patch) - 1)
+        r_lo = max(0, (ty_px - y0 - patch) // patch + 1)
+        r_hi = min(n_rows - 1, -((ty_px + th - y0) // -patch) - 1)
+        for r in range(r_lo, r_hi + 1):
+            for c in range(c_lo, c_hi + 1):
+                o = cell_to_out[r, c]
+                if o < 0:
+                    continue
+                ax0, ay0 = x0 + c * patch, y0 + r * patch  # patch origin (level px)
+                sx0, sy0 = max(ax0, tx_px), max(ay0, ty_px)
+                sx1, sy1 = min(ax0 + patch, tx_px + tw), min(ay0 + patch, ty_px + th)
+                out[o, sy0 - ay0 : sy1 - ay0, sx0 - ax0 : sx1 - ax0] = tile[
+                    sy0 - ty_px : sy1 - ty_px, sx0 - tx_px : sx1 - tx_px, :3
+                ]
 
 
 def _worker_init(_: int) -> None:
@@ -172,4 +240,4 @@ def _to_tensors(item):
     import torch
 
     idx, patches = item
-    return torch.from_numpy(idx), torch.from_numpy(patches)
+    return torch.from_numpy(idx), torch.as_tensor(patches)  # shares memory: no copy
