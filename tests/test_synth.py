@@ -125,3 +125,17 @@ def test_same_seed_identical_files_and_cli(tmp_path, synth_dataset):
 def test_bad_size_is_user_error(tmp_path, capsys):
     assert main(["synth", "--n", "0", "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_patch_labels_from_label_map(synth_dataset):
+    from slidechat.synth.patch_labels import load_label_map, patch_labels
+
+    rec = read_jsonl(synth_dataset / "truth.jsonl")[0]
+    lm = load_label_map(synth_dataset, rec)
+    ds = rec["mask_downsample"]
+    ys, xs = np.nonzero(lm == lm.max())
+    coords = np.array([[xs[0] * ds, ys[0] * ds], [0, 0]])
+    labels, purity = patch_labels(lm, ds, coords, ds)  # a patch of one label cell is pure
+    assert labels[0] == lm.max() and purity[0] == 1.0 and labels[1] == lm[0, 0]
+    labels, _ = patch_labels(lm, ds, coords, 224, min_purity=1.01)
+    assert (labels == -1).all()
