@@ -7,7 +7,7 @@ For N patches (default 1k, 10k, 50k) with the default LLM (SmolLM2-135M, frozen)
 
 TTFT = wall time from the features in memory to the first streamed text piece (slide encoder + projector + LLM
 prefill + first decode step). Turn 2 TTFT = the next question in the same conversation (KV reuse). Each case runs
-in a fresh subprocess so ``ru_maxrss`` (CPU) / ``max_memory_allocated`` (CUDA) is its own peak; the LLM's resident
+in a fresh subprocess (median of ``--repeats`` runs) so ``ru_maxrss`` (CPU) / ``max_memory_allocated`` (CUDA) is its own peak; the LLM's resident
 size is measured once (N = 0 case) and reported so increments can be compared.
 
 Ratios in one run (targets from issue 4): ttft(b)/ttft(a) at 10k (>= 10), ttft(a, 50k)/ttft(a, 1k) (<= 1.5),
@@ -33,7 +33,7 @@ QUESTION_1 = "Which tissue types are present in this slide?"
 QUESTION_2 = "Is there a focal lesion?"
 
 
-def run_case(method: str, n: int, device: str, threads: int, seed: int = 0) -> dict:
+def run_case(method: str, n: int, device: str, threads: int, repeats: int = 1, seed: int = 0) -> dict:
     """One measurement in this process (called in a subprocess by ``main``)."""
     import numpy as np
     import torch
@@ -58,9 +58,8 @@ def run_case(method: str, n: int, device: str, threads: int, seed: int = 0) -> d
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(n * 1.3)))
     cells = rng.permutation(side * side)[:n]
-    slide = SlideFeatures(features=rng.standard_normal((n, 512)).astype(np.float32),
-                          coords=np.stack([cells % side, cells // side], 1).astype(np.int64) * 224,
-                          attrs={"slide_id": f"bench{n}", "slide_sha256": f"bench-{method}-{n}", "patch_size_level0": 224})
+    features = rng.standard_normal((n, 512)).astype(np.float32)
+    coords = np.stack([cells % side, cells // side], 1).astype(np.int64) * 224
 
     def first_piece(conv, question):
         t0 = time.perf_counter()
@@ -73,24 +72,32 @@ def run_case(method: str, n: int, device: str, threads: int, seed: int = 0) -> d
             pass
         return dt
 
-    t0 = time.perf_counter()
-    conv = model.chat(slide)  # slide encoder + projector
-    if cuda:
-        torch.cuda.synchronize()
-    out["encode_s"] = time.perf_counter() - t0
-    out["llm_ttft_s"] = first_piece(conv, QUESTION_1)  # question -> first token, slide already encoded
-    out["ttft_s"] = out["encode_s"] + out["llm_ttft_s"]
-    out["prefill_tokens_turn1"] = conv.last_prefill_tokens
-    out["turn2_ttft_s"] = first_piece(conv, QUESTION_2)
-    out["prefill_tokens_turn2"] = conv.last_prefill_tokens
+    runs = []
+    for r in range(repeats):  # a new sha each time, so the slide is really re-encoded
+        slide = SlideFeatures(features=features, coords=coords, attrs={
+            "slide_id": f"bench{n}", "slide_sha256": f"bench-{method}-{n}-{r}", "patch_size_level0": 224})
+        t0 = time.perf_counter()
+        conv = model.chat(slide)  # slide encoder + projector
+        if cuda:
+            torch.cuda.synchronize()
+        run = {"encode_s": time.perf_counter() - t0, "llm_ttft_s": first_piece(conv, QUESTION_1)}
+        run["ttft_s"] = run["encode_s"] + run["llm_ttft_s"]
+        out["prefill_tokens_turn1"] = conv.last_prefill_tokens
+        run["turn2_ttft_s"] = first_piece(conv, QUESTION_2)
+        out["prefill_tokens_turn2"] = conv.last_prefill_tokens
+        runs.append(run)
+    for key in runs[0]:
+        out[key] = float(np.median([r[key] for r in runs]))
+    out["runs"] = runs
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if cuda:
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def _subprocess_case(method: str, n: int, device: str, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--_case", method, str(n), "--device", device, "--threads", str(threads)]
+def _subprocess_case(method: str, n: int, device: str, threads: int, timeout: float, repeats: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--_case", method, str(n), "--device", device, "--threads", str(threads),
+           "--repeats", str(repeats)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest N for the linear baseline (default: all on CUDA, 10000 on CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared CPU)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measurements per case (median reported); the linear baseline above 2k runs once")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ttft.json")
     p.add_argument("--_case", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args._case:
-        print(json.dumps(run_case(args._case[0], int(args._case[1]), device, args.threads)))
+        print(json.dumps(run_case(args._case[0], int(args._case[1]), device, args.threads, args.repeats)))
         return 0
     linear_max = args.linear_max_n if args.linear_max_n is not None else (max(args.sizes) if device.startswith("cuda") else 10000)
 
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                              "skipped": f"N > --linear-max-n {linear_max}: {n}-token prefill too slow on {device}"})
                 continue
             t0 = time.time()
-            r = _subprocess_case(method, n, device, args.threads, args.timeout)
+            reps = 1 if method == "linear" and n > 2000 else args.repeats
+            r = _subprocess_case(method, n, device, args.threads, args.timeout, reps)
             print(f"{method:8s} N={n:6d}: {r.get('ttft_s', r.get('skipped'))} ({time.time() - t0:.0f} s)", file=sys.stderr)
             rows.append(r)
 
