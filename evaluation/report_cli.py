@@ -1,0 +1,52 @@
+"""`slidechat report`: batch report generation over many slides (reports.jsonl + index.html).
+
+    slidechat report SLIDES... --out DIR [--checkpoint demo] [--prompt TEXT]
+    slidechat report cases.csv --out DIR            # CSV: slide_path [, case_id, prompt]
+    slidechat report 'data/*.svs' --out DIR --num-shards 4 --shard-id 0
+    accelerate launch -m slidechat.cli report data/ --out DIR   # one shard per process
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="slide files, folders, globs, or CSVs with a slide_path column "
+                                                  "(optional case_id and prompt columns)")
+    parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+    parser.add_argument("--checkpoint", default="demo", help="checkpoint folder, 'demo' or 'demo-untrained'")
+    parser.add_argument("--prompt", help="clinical context given with every slide (a CSV prompt column wins)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: automatic; per-process GPU under accelerate)")
+    parser.add_argument("--num-shards", type=int, help="split the slide list over this many processes "
+                                                       "(default: WORLD_SIZE from accelerate/torchrun, else 1)")
+    parser.add_argument("--shard-id", type=int, help="which shard this process runs (default: RANK, else 0)")
+    parser.add_argument("--cache-dir", help="feature cache folder (default: the slidechat cache)")
+    parser.add_argument("--mpp", type=float, help="microns per pixel for slides that lack it")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="per report question (default 64)")
+    parser.add_argument("--summary-max-new-tokens", type=int, default=160, help="for the summary (default 160)")
+    parser.add_argument("--thumbnail-size", type=int, default=512)
+    parser.add_argument("--no-heatmaps", action="store_true", help="skip heatmap overlays")
+    parser.add_argument("--no-prefetch", action="store_true", help="do not encode the next slide in the background")
+    parser.add_argument("--retry-errors", action="store_true", help="redo slides that have an error record")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any slide has an error record")
+
+
+def run(args) -> int:
+    """Run (or resume) the batch; prints a one-line summary."""
+    from evaluation.batch_report import BatchReportConfig, run_batch
+
+    cfg = BatchReportConfig(
+        inputs=args.inputs, out_dir=args.out, checkpoint=args.checkpoint, device=args.device, prompt=args.prompt,
+        num_shards=args.num_shards, shard_id=args.shard_id, cache_dir=args.cache_dir, heatmaps=not args.no_heatmaps,
+        thumbnail_size=args.thumbnail_size, max_new_tokens=args.max_new_tokens,
+        summary_max_new_tokens=args.summary_max_new_tokens, retry_errors=args.retry_errors,
+        prefetch=not args.no_prefetch, progress=not args.no_progress, mpp=args.mpp,
+    )
+    c = run_batch(cfg)
+    where = c["index"] or f"{c['reports']} (index.html is written when all shards are done)"
+    print(f"{c['records']}/{c['total']} slides reported: {c['ok_total']} ok, {c['error_total']} error "
+          f"({c['skipped']} already done in this shard) -> {where}", file=sys.stderr)
+    return 1 if (args.fail_on_error and c["error_total"]) else 0
