@@ -74,3 +74,27 @@ def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
         theme=theme(),
         footer_links=[],
     )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_in_background(assistant: Any, config: AppConfig, examples: dict[str, Path] | None = None):
+    """Serve the app from this process without blocking (tests, notebooks); returns (url, demo, service).
+
+    ``config.port`` None picks a free port. Stop it with ``demo.close()`` and ``service.registry.close_all()``.
+    """
+    from app.ui import build_demo
+
+    if config.port is None:
+        config.port = free_port(config.host)
+    service = ChatService(assistant, config)
+    demo = build_demo(service, examples or {})
+    launch(demo, config, block=False, quiet=True)
+    return f"http://{config.host}:{config.port}/", demo, service

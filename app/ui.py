@@ -240,12 +240,12 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
         model = dict(concurrency_limit=config.concurrency, concurrency_id=MODEL_GROUP)
         open_outputs = [status, image, facts, chatbot, question, report_md, download_conv]
         upload.upload(on_upload, [upload, mpp, show_heatmap, alpha], open_outputs + [upload],
-                      show_progress="full", api_name="upload", **model)
+                      show_progress="full", show_progress_on=[image], api_name="upload", **model)
         example_btn.click(on_example, [example_pick, mpp, show_heatmap, alpha], open_outputs,
-                          api_name="open_example", **model)
+                          show_progress="full", show_progress_on=[image], api_name="open_example", **model)
         ask_outputs = [chatbot, question, image, status, download_conv]
         ask_args = dict(fn=on_ask, inputs=[question, show_heatmap, alpha], outputs=ask_outputs,
-                        show_progress="minimal", **model)
+                        show_progress="minimal", show_progress_on=[chatbot], **model)
         question.submit(api_name="ask", **ask_args)
         send.click(api_name=False, **ask_args)
         for btn, q in zip(suggestion_btns, SUGGESTED_QUESTIONS):
@@ -255,7 +255,8 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
                             concurrency_limit=None)
         alpha.release(on_view, [show_heatmap, alpha], image, api_name="view", show_progress="hidden",
                       concurrency_limit=None)
-        report_btn.click(on_report, None, [report_md, report_files, status], api_name="report", **model)
+        report_btn.click(on_report, None, [report_md, report_files, status], api_name="report",
+                         show_progress_on=[status], **model)
         clear_btn.click(on_clear, [show_heatmap, alpha], [chatbot, image, status, report_md, report_files,
                                                           download_conv], api_name="clear", concurrency_limit=None)
         restart_btn.click(on_restart, None, [chatbot, image, facts, status, report_md, report_files, download_conv,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -26,28 +25,16 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_app(assistant, cache: Path, examples: dict | None = None, **overrides):
     """Serve the app in this process (Gradio's server thread) on a free local port; returns (url, demo, service)."""
     from app.config import AppConfig
-    from app.server import launch
-    from app.service import ChatService
-    from app.ui import build_demo
+    from app.server import start_in_background
 
-    settings = dict(cache_dir=cache, port=free_port(), max_new_tokens=16, report_max_new_tokens=4,
+    settings = dict(cache_dir=cache, port=None, max_new_tokens=16, report_max_new_tokens=4,
                     report_summary_tokens=8, n_examples=0, checkpoint_label="tiny random test model",
                     banner="No trained checkpoint yet: test model with random weights.")
     settings.update(overrides)
-    config = AppConfig(**settings)
-    service = ChatService(assistant, config)
-    demo = build_demo(service, examples or {})
-    launch(demo, config, block=False, quiet=True)
-    return f"http://127.0.0.1:{config.port}/", demo, service
+    return start_in_background(assistant, AppConfig(**settings), examples)
 
 
 @pytest.fixture(scope="module")
