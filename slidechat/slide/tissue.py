@@ -11,6 +11,7 @@ from slidechat.errors import NoTissueError
 
 # Glass has saturation ~0.0-0.05; below this floor nothing counts as tissue even if Otsu says so.
 MIN_SATURATION = 0.07
+MAX_OTSU_SATURATION = 0.15
 
 
 @dataclass
@@ -70,7 +71,9 @@ def detect_tissue(
             t = float(filters.threshold_otsu(sat))
         except ValueError:  # constant image
             t = 1.0
-        t = max(t, MIN_SATURATION)
+        # Otsu splits glass from tissue; on a field that is nearly all tissue it would split tissue
+        # classes instead, so cap it at a saturation that H&E-stained tissue always exceeds.
+        t = min(max(t, MIN_SATURATION), MAX_OTSU_SATURATION)
     else:
         if not 0.0 <= threshold <= 1.0:
             raise NoTissueError(f"--tissue-threshold {threshold} must be a saturation between 0 and 1 (e.g. 0.08)")
