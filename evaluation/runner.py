@@ -111,7 +111,8 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
         return {"prompt": cfg.caption_prompt,
                 "output": assistant.chat(enc).ask(cfg.caption_prompt, max_new_tokens=cfg.max_new_tokens)}
     if task == "reports":
-        rep = assistant.report(enc)
+        rep = assistant.report(enc, max_new_tokens=min(64, cfg.max_new_tokens),
+                               summary_max_new_tokens=cfg.max_new_tokens)
         return {"output": rep.text, "fields": rep.fields}
     if task == "grounding":
         from evaluation.metrics.grounding import grounding_metrics, load_mask

@@ -11,7 +11,8 @@ level-0 pixels per mask pixel (``masks/<slide_id>.png`` in SynthSlide's ``truth.
 - **lesion patch fraction** (the chance level of both): the share of patches whose centre is in
   the lesion, and the mean footprint fraction.
 
-Footprint fractions use a summed-area table, so the cost is O(N) with no per-patch Python loop.
+A mask pixel counts towards a patch when its centre lies in the patch (footprints are quantised to
+mask pixels; with SynthSlide's patch grid they align exactly). Footprint fractions use a summed-area table, so the cost is O(N) with no per-patch Python loop.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ def load_mask(path: str | Path) -> np.ndarray:
     return arr > 0
 
 
-def _mask_coordinates(coords: np.ndarray, patch_size_level0: float, downsample: float, shape):
-    """Patch footprints in mask pixels, clipped to the mask: (x0, y0, x1, y1) int arrays."""
-    h, w = shape
-    x0 = np.floor(coords[:, 0] / downsample).astype(np.int64)
-    y0 = np.floor(coords[:, 1] / downsample).astype(np.int64)
-    x1 = np.ceil((coords[:, 0] + patch_size_level0) / downsample).astype(np.int64)
-    y1 = np.ceil((coords[:, 1] + patch_size_level0) / downsample).astype(np.int64)
-    return np.clip(x0, 0, w), np.clip(y0, 0, h), np.clip(x1, 0, w), np.clip(y1, 0, h)
+def _mask_coordinates(coords: np.ndarray, patch_size_level0: float, downsample: float):
+    """Patch footprints in mask pixels (x0, y0, x1, y1), end-exclusive, not clipped.
+
+    A mask pixel belongs to a patch when its centre lies inside the patch's level-0 square.
+    """
+    def first(v):
+        return np.ceil(v / downsample - 0.5).astype(np.int64)
+
+    return (first(coords[:, 0]), first(coords[:, 1]), first(coords[:, 0] + patch_size_level0),
+            first(coords[:, 1] + patch_size_level0))
 
 
 def patch_lesion_fraction(mask: np.ndarray, coords, patch_size_level0: float, downsample: float) -> np.ndarray:
@@ -47,10 +50,13 @@ def patch_lesion_fraction(mask: np.ndarray, coords, patch_size_level0: float, do
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
-    x0, y0, x1, y1 = _mask_coordinates(coords, patch_size_level0, downsample, mask.shape)
+    x0, y0, x1, y1 = _mask_coordinates(coords, patch_size_level0, downsample)
+    # the full (unclipped) footprint is the denominator, so patches hanging off the mask edge are diluted
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    h, w = mask.shape
+    x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
+    y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
     inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    # area of the full (unclipped) footprint in mask pixels, so patches hanging off the edge are diluted
-    area = np.maximum((patch_size_level0 / downsample) ** 2, 1e-12)
     return np.clip(inside / area, 0.0, 1.0)
 
 
