@@ -4,7 +4,8 @@ For each slide (a large SynthSlide by default, plus any slide paths given) and t
 patches it measures patches/s of
 
   (a) our extractor's read path: PatchBlockDataset + DataLoader with ``--workers`` processes
-      (tile-aligned block reads, one resize per block, patches cut by reshape);
+      (each needed JPEG tile decoded once and copied straight into its patches in shared memory;
+      one resize per block when the level differs) -- and the same with ``--workers`` threads;
   (b) a naive loop calling ``tiffslide.TiffSlide.read_region`` once per patch (one process);
   (c) the limit: decoding only the JPEG tiles those patches need, with ``--workers`` threads
       (tile bytes read beforehand; the imagecodecs decoder releases the GIL),
@@ -50,7 +51,7 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def bench_ours(dataset, blocks: list[int], workers: int) -> dict:
+def bench_ours(dataset, blocks: list[int], workers: int, mode: str = "processes") -> dict:
     """Our DataLoader path. Wall rate is timed from the first block received (worker start-up excluded);
     the CPU rate counts all CPU seconds of the main process and the workers, spread over ``workers`` cores."""
     import gc
@@ -60,7 +61,7 @@ def bench_ours(dataset, blocks: list[int], workers: int) -> dict:
     from slidechat.slide.tiling import patch_loader
 
     cpu0, child0 = time.process_time(), _children_cpu()
-    loader = patch_loader(Subset(dataset, blocks), num_workers=workers)
+    loader = patch_loader(Subset(dataset, blocks), num_workers=workers, mode=mode)
     n, t0, first = 0, None, 0
     it = iter(loader)
     for idx, patches in it:
@@ -163,19 +164,22 @@ def bench_slide(path: Path, args) -> dict:
     rounds = []
     for _ in range(args.rounds):  # interleaved rounds; best of each (the machine may be shared)
         a = bench_ours(dataset, blocks * repeat, args.workers)
+        at = bench_ours(dataset, blocks * repeat, args.workers, mode="threads")
         naive_idx = indices[: args.naive_patches] if args.naive_patches else indices
         b = bench_naive(path, grid, naive_idx)
         c = bench_decode_limit(path, grid, dataset, blocks, len(indices), args.workers)
-        rounds.append({"a": a, "b": b, "c": c})
-    best = {k: {m: max(r[k][m] for r in rounds) for m in ("wall", "cpu")} for k in ("a", "b", "c")}
+        rounds.append({"a": a, "a_threads": at, "b": b, "c": c})
+    best = {k: {m: max(r[k][m] for r in rounds) for m in ("wall", "cpu")} for k in ("a", "a_threads", "b", "c")}
     return {
         "slide": str(path), "info": info, "patches_on_slide": len(grid), "patches_timed": int(rounds[0]["a"]["n"]),
         "naive_patches_timed": int(rounds[0]["b"]["n"]), "tiles_decoded": rounds[0]["c"]["tiles"],
         "repeat": repeat, "level": grid.level, "patch_size": grid.patch_size,
         "patch_size_level": grid.patch_size_level, "block_cells": grid.block_cells, "rounds": rounds,
-        "a_ours": best["a"], "b_naive": best["b"], "c_decode_limit": best["c"],
+        "a_ours": best["a"], "a_ours_threads": best["a_threads"], "b_naive": best["b"], "c_decode_limit": best["c"],
         "a_over_b": {m: best["a"][m] / best["b"][m] for m in ("wall", "cpu")},
         "a_over_c": {m: best["a"][m] / best["c"][m] for m in ("wall", "cpu")},
+        "a_threads_over_b": {m: best["a_threads"][m] / best["b"][m] for m in ("wall", "cpu")},
+        "a_threads_over_c": {m: best["a_threads"][m] / best["c"][m] for m in ("wall", "cpu")},
     }
 
 
@@ -198,12 +202,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    width = 0.25
+    width = 0.2
     xs = np.arange(len(results))
     for ax, metric, title in zip(axes, ("wall", "cpu"), ("wall clock", "per 2 CPU-seconds (load-independent)")):
-        for k, (key, label) in enumerate([("a_ours", "(a) ours"), ("b_naive", "(b) naive read_region"),
+        for k, (key, label) in enumerate([("a_ours", "(a) ours, processes"), ("a_ours_threads", "(a) ours, threads"),
+                                          ("b_naive", "(b) naive read_region"),
                                           ("c_decode_limit", "(c) JPEG decode limit")]):
-            ax.bar(xs + (k - 1) * width, [r[key][metric] for r in results], width, label=label)
+            ax.bar(xs + (k - 1.5) * width, [r[key][metric] for r in results], width, label=label)
         ax.set_xticks(xs, [Path(r["slide"]).name[:24] for r in results], fontsize=8)
         ax.set_ylabel("patches / s")
         ax.set_title(title, fontsize=10)
@@ -237,15 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workers={args.workers}  target_mpp={args.target_mpp}  patch={args.patch_size}  cpus={os.cpu_count()}  "
           f"best of {args.rounds} rounds")
     for metric, title in (("wall", "wall-clock patches/s"), ("cpu", "patches per 2 CPU-seconds (load-independent)")):
-        header = (f"{title:<46} {'patches':>8} {'(a) ours':>10} {'(b) naive':>10} {'(c) limit':>10} "
-                  f"{'a/b':>6} {'a/c':>6}")
+        header = (f"{title:<46} {'patches':>8} {'(a) procs':>10} {'(a) thrds':>10} {'(b) naive':>10} "
+                  f"{'(c) limit':>10} {'a/b':>6} {'a/c':>6} {'at/b':>6} {'at/c':>6}")
         print(header)
         print("-" * len(header))
         for r in results:
             print(f"{Path(r['slide']).name[:46]:<46} {r['patches_timed']:>8} {r['a_ours'][metric]:>10.0f} "
-                  f"{r['b_naive'][metric]:>10.0f} {r['c_decode_limit'][metric]:>10.0f} "
-                  f"{r['a_over_b'][metric]:>6.2f} {r['a_over_c'][metric]:>6.2f}")
+                  f"{r['a_ours_threads'][metric]:>10.0f} {r['b_naive'][metric]:>10.0f} "
+                  f"{r['c_decode_limit'][metric]:>10.0f} {r['a_over_b'][metric]:>6.2f} {r['a_over_c'][metric]:>6.2f} "
+                  f"{r['a_threads_over_b'][metric]:>6.2f} {r['a_threads_over_c'][metric]:>6.2f}")
         print()
+    print("(a) procs: DataLoader worker processes (extract default); (a) thrds: --reader threads; "
+          "at = (a) thrds")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"workers": args.workers, "target_mpp": args.target_mpp, "patch_size": args.patch_size,

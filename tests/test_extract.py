@@ -41,8 +41,10 @@ def test_extract_real_svs_with_worker_processes(cmu_slide, encoder, tmp_path):
     assert stages[-1] == ("encoding", n, n)
     # the main-process path gives the same features as the worker path
     same = extract_slide(cmu_slide, encoder, tmp_path / "cmu0.h5", num_workers=0)
-    a, b = load_features(out), load_features(same)
+    threads = extract_slide(cmu_slide, encoder, tmp_path / "cmu_t.h5", num_workers=2, reader_mode="threads")
+    a, b, c = load_features(out), load_features(same), load_features(threads)
     np.testing.assert_allclose(a.features, b.features, atol=1e-5)
+    np.testing.assert_allclose(a.features, c.features, atol=1e-5)
     np.testing.assert_array_equal(a.coords, b.coords)
     # features really are the encoder applied to the patch at each coord
     from slidechat.slide.reader import SlideReader

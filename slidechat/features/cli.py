@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int, default=224, help="patch size in px at --target-mpp (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="patches per encoder batch (default 64)")
     parser.add_argument("--num-workers", type=int, default=2, help="reader processes (default 2; 0 = main process)")
+    parser.add_argument("--reader", choices=["processes", "threads"], default="processes",
+                        help="read patches in DataLoader worker processes (default) or threads")
     parser.add_argument("--tissue-threshold", type=float, default=None,
                         help="saturation threshold 0-1 for tissue (default: Otsu)")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     summary = extract_many(
         args.slides, encoder, args.out, resume=not args.no_resume, target_mpp=args.target_mpp,
         patch_size=args.patch_size, batch_size=args.batch_size, num_workers=args.num_workers, mpp=args.mpp,
-        tissue_threshold=args.tissue_threshold, progress=progress, on_slide=on_slide,
+        tissue_threshold=args.tissue_threshold, progress=progress, on_slide=on_slide, reader_mode=args.reader,
     )
     bar.close()
     print(summary.line())

@@ -128,8 +128,12 @@ def extract_slide(
     mpp: float | None = None,
     tissue_threshold: float | None = None,
     progress: Progress | None = None,
+    reader_mode: str = "processes",
 ) -> Path:
-    """Tile ``slide_path`` over tissue at ``target_mpp``, encode every patch, write the .h5 atomically."""
+    """Tile ``slide_path`` over tissue at ``target_mpp``, encode every patch, write the .h5 atomically.
+
+    Patches are read by ``num_workers`` DataLoader worker processes (``reader_mode="threads"``: a thread
+    pool in this process instead, which avoids moving patches between processes)."""
     slide_path = Path(slide_path)
     progress = progress or (lambda stage, done, total: None)
     with SlideReader(slide_path, mpp=mpp) as reader:
@@ -164,7 +168,7 @@ def extract_slide(
 
         progress("encoding", 0, n)
         try:
-            for idx, patches in patch_loader(dataset, num_workers=num_workers):
+            for idx, patches in patch_loader(dataset, num_workers=num_workers, mode=reader_mode):
                 pending_idx.append(idx)
                 pending.append(patches)
                 n_pending += len(idx)
@@ -193,6 +197,7 @@ def extract_many(
     tissue_threshold: float | None = None,
     progress: Progress | None = None,
     on_slide: Callable[[Path, str, str], None] | None = None,
+    reader_mode: str = "processes",
 ) -> ExtractSummary:
     """Extract every slide in ``inputs`` into ``out_dir/<slide_id>.h5``; bad slides are recorded, not fatal.
 
@@ -218,7 +223,7 @@ def extract_many(
         try:
             extract_slide(slide, encoder, out_path, target_mpp=target_mpp, patch_size=patch_size,
                           batch_size=batch_size, num_workers=num_workers, mpp=mpp,
-                          tissue_threshold=tissue_threshold, progress=progress)
+                          tissue_threshold=tissue_threshold, progress=progress, reader_mode=reader_mode)
         except SlideChatError as exc:
             summary.failed.append((str(slide), str(exc)))
             on_slide(slide, "failed", str(exc))

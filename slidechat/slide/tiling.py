@@ -129,6 +129,12 @@ class PatchBlockDataset:
             self._reader = SlideReader(self.slide_path, mpp=self.mpp)
         return self._reader
 
+    def prepare(self) -> None:
+        """Open the reader, its tile index and file descriptor now (before threads share them)."""
+        reader = self.reader()
+        if reader.tile_layout(self.grid.level) is not None:
+            reader.decode_tile(self.grid.level, 0, 0)
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         g = self.grid
         idx = self.blocks[i]
@@ -223,11 +229,53 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def patch_loader(dataset: PatchBlockDataset, num_workers: int = 2, prefetch: int = 4):
-    """A torch DataLoader over blocks (batch_size=None: each item is already a batch of patches)."""
+class ThreadedBlockLoader:
+    """Blocks read by a pool of threads in this process (in order, at most ``window`` blocks ahead).
+
+    JPEG decoding releases the GIL, so threads decode in parallel and the patches land directly in this
+    process's memory (no inter-process transfer). Yields the same (indices, patches) tensors as the
+    DataLoader path.
+    """
+
+    def __init__(self, dataset, num_threads: int = 2, window: int = 8):
+        self.dataset = dataset
+        self.num_threads = max(1, int(num_threads))
+        self.window = max(self.num_threads, int(window))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        base = self.dataset.dataset if hasattr(self.dataset, "indices") else self.dataset
+        base.prepare()  # open the reader and its tile index once, before threads share it
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            pending: deque = deque()
+            it = iter(range(len(self.dataset)))
+            for i in it:
+                pending.append(pool.submit(self.dataset.__getitem__, i))
+                if len(pending) >= self.window:
+                    break
+            while pending:
+                item = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.dataset.__getitem__, nxt))
+                yield _to_tensors(item)
+
+
+def patch_loader(dataset, num_workers: int = 2, prefetch: int = 4, mode: str = "processes"):
+    """Iterate (indices, patches) per block: a torch DataLoader with ``num_workers`` worker processes
+    (``mode="processes"``, default) or a thread pool in this process (``mode="threads"``)."""
     import torch
     from torch.utils.data import DataLoader
 
+    if mode == "threads":
+        return ThreadedBlockLoader(dataset, num_threads=max(1, num_workers), window=prefetch * max(1, num_workers))
+    if mode != "processes":
+        raise ValueError(f"unknown reader mode {mode!r}; use 'processes' or 'threads'")
     num_workers = max(0, int(num_workers))
     kwargs = dict(batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_to_tensors)
     if num_workers > 0:

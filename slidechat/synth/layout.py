@@ -123,7 +123,10 @@ def make_layout(
         fx = (xs - mx) / max(1, x1 - x0)
         in_q = ((fy < -0.12) if qi < 2 else (fy > 0.12)) & ((fx < -0.12) if qi % 2 == 0 else (fx > 0.12))
         # away from the tissue edge, so the lesion is mostly inside tissue
-        inner = ndimage.binary_erosion(tissue, iterations=max(1, min(lh, lw) // 30))[ys, xs]
+        # == binary_erosion(tissue, iterations=k) but O(pixels): taxicab distance to glass (or the border) > k
+        k = max(1, min(lh, lw) // 30)
+        dist = ndimage.distance_transform_cdt(np.pad(tissue, 1), metric="taxicab")[1:-1, 1:-1]
+        inner = (dist > k)[ys, xs]
         cand = np.nonzero(in_q & inner)[0]
         if len(cand) == 0:
             cand = np.nonzero(in_q)[0] if in_q.any() else np.arange(len(ys))
