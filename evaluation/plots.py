@@ -31,7 +31,7 @@ def plot_category_accuracy(groups: dict[str, dict], out_path: str | Path, title:
     y = np.arange(len(names))
     colors = ["#4c72b0" if n != "overall" else "#dd8452" for n in names]
     ax.barh(y, acc, xerr=np.vstack([acc - low, high - acc]), color=colors, capsize=3)
-    ax.set_yticks(y, [f"{n} (n={groups[n]['n']})" for n in names])
+    ax.set_yticks(y, [f"{n}: {a:.1f}% (n={groups[n]['n']})" for n, a in zip(names, acc)])
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%) with 95% bootstrap CI")
