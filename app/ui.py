@@ -240,7 +240,7 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
         model = dict(concurrency_limit=config.concurrency, concurrency_id=MODEL_GROUP)
         open_outputs = [status, image, facts, chatbot, question, report_md, download_conv]
         upload.upload(on_upload, [upload, mpp, show_heatmap, alpha], open_outputs + [upload],
-                      show_progress="full", show_progress_on=[image], api_name="upload", **model)
+                      show_progress="full", show_progress_on=[image], api_name="upload_slide", **model)
         example_btn.click(on_example, [example_pick, mpp, show_heatmap, alpha], open_outputs,
                           show_progress="full", show_progress_on=[image], api_name="open_example", **model)
         ask_outputs = [chatbot, question, image, status, download_conv]

@@ -323,6 +323,66 @@ def test_build_demo_wires_named_endpoints(service):
 
     demo = build_demo(service, {})
     names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
-    assert {"upload", "open_example", "ask", "report", "clear", "restart", "view"} <= names
-    limited = [fn for fn in demo.fns.values() if fn.api_name in ("upload", "open_example", "ask", "report")]
+    assert {"upload_slide", "open_example", "ask", "report", "clear", "restart", "view"} <= names
+    limited = [fn for fn in demo.fns.values() if fn.api_name in ("upload_slide", "open_example", "ask", "report")]
     assert all(fn.concurrency_id == "model" and fn.concurrency_limit == service.config.concurrency for fn in limited)
+
+
+def _wait_http(url: str, proc, timeout: float) -> str:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited early with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read().decode("utf-8", "replace")
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _serve_cli(argv: list[str], env_cache: Path, timeout: float) -> tuple[str, str]:
+    """Run `slidechat ...` in a subprocess until its page answers; returns (page html, gradio config json)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from app.server import free_port
+
+    port = free_port()
+    env = dict(os.environ, SLIDECHAT_CACHE=str(env_cache), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "slidechat.cli", *argv, "--port", str(port), "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        page = _wait_http(f"http://127.0.0.1:{port}/", proc, timeout)
+        config = _wait_http(f"http://127.0.0.1:{port}/config", proc, 10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return page, config
+
+
+def test_slidechat_app_cli_serves_a_checkpoint(tiny_slide_assistant, tmp_path):
+    ckpt = tiny_slide_assistant.save_pretrained(tmp_path / "ckpt")
+    page, config = _serve_cli(["app", "--checkpoint", str(ckpt), "--no-examples", "--cache-dir",
+                               str(tmp_path / "cache")], tmp_path / "cache", timeout=90)
+    assert "<title>SlideChat</title>" in page or "SlideChat" in page
+    assert "sc-upload" in config and "No trained checkpoint yet" not in config
+
+
+@pytest.mark.slow
+def test_slidechat_demo_starts_without_a_trained_checkpoint(tmp_path):
+    """`slidechat demo` on a fresh machine: the real default model (SmolLM2), examples generated, a banner when the
+    demo checkpoint is not trained yet."""
+    from slidechat.inference.api import DEMO_DIR
+
+    page, config = _serve_cli(["demo"], tmp_path / "cache", timeout=300)
+    assert "sc-upload" in config and "Synthetic example 1" in config
+    assert ("No trained checkpoint yet" in config) != (DEMO_DIR / "config.json").is_file()
