@@ -139,3 +139,20 @@ def test_patch_labels_from_label_map(synth_dataset):
     assert labels[0] == lm.max() and purity[0] == 1.0 and labels[1] == lm[0, 0]
     labels, _ = patch_labels(lm, ds, coords, 224, min_purity=1.01)
     assert (labels == -1).all()
+
+
+def test_save_overview_for_humans(synth_dataset, test_output):
+    """Thumbnail | label map | lesion mask of one slide, for a person to look at (test-output/)."""
+    rec = read_jsonl(synth_dataset / "truth.jsonl")[0]
+    with tiffslide.TiffSlide(synth_dataset / rec["path"]) as s:
+        thumb = s.get_thumbnail((512, 512)).convert("RGB")
+    palette = np.array([[255, 255, 255], [233, 150, 190], [120, 200, 120], [200, 40, 40], [150, 150, 150],
+                        [60, 60, 200], [250, 230, 120]], np.uint8)
+    labels = Image.fromarray(palette[np.asarray(Image.open(synth_dataset / rec["label_map_path"]))]).resize(thumb.size)
+    mask = Image.open(synth_dataset / rec["mask_path"]).convert("RGB").resize(thumb.size)
+    sheet = Image.new("RGB", (thumb.width * 3, thumb.height), "white")
+    for i, im in enumerate((thumb, labels, mask)):
+        sheet.paste(im, (i * thumb.width, 0))
+    out = test_output / "synthslide_overview.png"
+    sheet.save(out)
+    assert out.stat().st_size > 1000
