@@ -97,3 +97,18 @@ def test_shards_split_and_merge_via_cli(batch_inputs, tiny_checkpoint_dir, tmp_p
     assert merged[0]["prompt"] == "female 54y breast core biopsy" and merged[0]["case_id"] == "case-0"
     assert "Clinical information: female 54y" not in json.dumps(merged[0]["fields"])  # context is not a field
     assert (out / "index.html").is_file()
+
+
+def test_shard_from_accelerate_environment(monkeypatch):
+    from evaluation.batch_report import resolve_shard
+    from slidechat.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    assert resolve_shard(None, None) == (3, 2)
+    assert resolve_shard(4, 1) == (4, 1)  # explicit flags win
+    with pytest.raises(ConfigError):
+        resolve_shard(2, 2)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert resolve_shard(None, None) == (1, 0)
