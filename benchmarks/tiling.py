@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-mpp", type=float, default=0.5)
     p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--mpp", type=float, default=None)
-    p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "tiling.json"), help="JSON results path")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiling.json"), help="JSON results path (+ .png)")
     args = p.parse_args(argv)
 
     slides = [Path(s) for s in args.slides]

@@ -129,6 +129,12 @@ class PatchBlockDataset:
             self._reader = SlideReader(self.slide_path, mpp=self.mpp)
         return self._reader
 
+    def close(self) -> None:
+        """Close this process's reader (workers' readers close with the workers)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def prepare(self) -> None:
         """Open the reader, its tile index and file descriptor now (before threads share them)."""
         reader = self.reader()
