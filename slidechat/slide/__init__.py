@@ -1,1 +1,6 @@
-"""Slide ingestion: reading (SlideReader), tissue detection and tiling."""
+"""Slide ingestion: reading (``reader.SlideReader``), tissue detection (``tissue.detect_tissue``) and
+tiling (``tiling.make_tile_grid``, ``tiling.PatchBlockDataset``, ``tiling.patch_loader``)."""
+
+from slidechat.slide.reader import SlideReader
+
+__all__ = ["SlideReader"]

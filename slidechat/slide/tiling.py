@@ -1,10 +1,11 @@
 """Tiling at a target resolution and fast batched patch reading.
 
 Patches lie on a level-0 grid with stride ``patch_size_level0`` (so coords are exact level-0 pixels).
-Reading groups patches into blocks of k x k grid cells, reads each block with ONE region read from the
-best pyramid level (blocks are aligned to the file's JPEG tiles when possible, so every tile is decoded
-once), resizes the whole block once if the level's resolution differs from the target, and cuts the
-patches out with a reshape — no per-patch read_region and no per-patch Python work on the hot path.
+Reading groups patches into blocks of k x k grid cells (k chosen so a block spans whole file tiles).
+When the best pyramid level already has the target resolution, every stored JPEG tile that the block's
+patches touch is decoded once and copied straight into those patches (written into shared memory when
+running in a DataLoader worker); otherwise the block region is read once, resized once and cut into
+patches by a reshape. There is no per-patch read_region anywhere on this path.
 """
 
 from __future__ import annotations
