@@ -52,7 +52,7 @@ def load(name_or_path: str = "demo", device: str | torch.device | None = None, *
         state = torch.random.get_rng_state()
         torch.manual_seed(0)
         try:
-            return SlideAssistant(config, device=device, **kwargs)
+            return SlideAssistant(config, device=device, **kwargs).eval()
         finally:
             torch.random.set_rng_state(state)
     path = Path(name_or_path).expanduser()

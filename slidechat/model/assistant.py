@@ -345,7 +345,7 @@ class SlideAssistant(nn.Module):
                 raise CheckpointError(f"{d}: the config says LoRA but adapter/ is missing or incomplete")
         model = cls(config, device=device, llm=llm, tokenizer=tokenizer, adapter_dir=adapter_dir, base_dir=d)
         model.load_trainable_state_dict(state, source=str(weights))
-        return model
+        return model.eval()  # like transformers' from_pretrained; call .train() to fine-tune
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load slide encoder + projector weights strictly; mismatches become a ``CheckpointError``."""
