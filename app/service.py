@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slidechat.errors import SlideChatError, SlideReadError
+from slidechat.errors import MissingMppError, SlideChatError, SlideReadError
 from slidechat import viz
 
 from app.config import AppConfig
@@ -153,7 +153,11 @@ class ChatService:
                                                       cache_dir=self.config.features_dir)
                 conversation = self.assistant.chat(encoded, max_new_tokens=self.config.max_new_tokens)
             except SlideChatError as exc:
-                raise type(exc)(user_message(exc, {str(path): name, str(path.parent) + "/": ""})) from exc
+                text = user_message(exc, {str(path): name, str(path.parent) + "/": ""})
+                if isinstance(exc, MissingMppError):
+                    text = text.replace("pass it with --mpp", "enter it under Advanced → Microns per pixel") \
+                               .replace("--mpp ", "").replace("--mpp", "microns per pixel")
+                raise type(exc)(text) from exc
             from PIL import Image
 
             thumb = Image.fromarray(tissue.thumbnail) if tissue.thumbnail is not None else None

@@ -210,7 +210,7 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
                 with gr.Row():
                     show_heatmap = gr.Checkbox(value=True, label="Show attention heatmap", elem_id="sc-show-heatmap",
                                                scale=1, min_width=160)
-                    alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity", elem_id="sc-alpha",
+                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity", elem_id="sc-alpha",
                                       scale=2, min_width=200)
                 gr.HTML('<div class="sc-legend"><span>low attention</span><span class="bar"></span>'
                         '<span>high attention</span></div>')
@@ -259,6 +259,8 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
                          show_progress_on=[status], **model)
         clear_btn.click(on_clear, [show_heatmap, alpha], [chatbot, image, status, report_md, report_files,
                                                           download_conv], api_name="clear", concurrency_limit=None)
+        chatbot.clear(on_clear, [show_heatmap, alpha], [chatbot, image, status, report_md, report_files,
+                                                     download_conv], api_name=False, concurrency_limit=None)
         restart_btn.click(on_restart, None, [chatbot, image, facts, status, report_md, report_files, download_conv,
                                              upload], api_name="restart", concurrency_limit=None)
         demo.unload(on_unload)

@@ -197,6 +197,7 @@ def test_bad_uploads_give_clear_messages_and_the_app_keeps_working(service, slid
         assert needle.lower() in message.lower(), (label, message)
         assert str(session.workdir) not in message and path.name in message  # user's name, no server path
         assert session.slide is None and session.busy is None, label
+        assert "--mpp" not in message  # the app's own wording (Advanced field), not the CLI flag
     # the slide without mpp opens when the user gives one
     (tmp_path / "again").mkdir()
     nompp = _bad_files(tmp_path / "again", slides[1])["no mpp"][0]

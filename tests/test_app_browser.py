@@ -5,6 +5,7 @@ upload a broken file and see the error while the app keeps serving. Screenshots 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_upload_progress_chat_heatmap_report_and_bad_upload(browser, served, tes
         text = page.inner_text("body")
         lines = [ln for ln in text.splitlines() if "Encoding patches (" in ln or "Detecting tissue (" in ln]
         progress_lines.update(lines)
-        if not shot_taken and any("Encoding patches (" in ln for ln in lines):
+        if not shot_taken and any(re.search(r"Encoding patches \(([1-9]\d*)/", ln) for ln in lines):
             page.screenshot(path=str(shots / "02_encoding_progress.png"), full_page=True)
             shot_taken = True
         time.sleep(0.05)
