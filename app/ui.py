@@ -88,13 +88,14 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
     def after_open(session: SlideSession, status: str, show: bool, alpha: float):
         image = service.slide_image(session, show, alpha)
         return (status, image, _facts_markdown(session.info), list(session.transcript), "",
-                gr.update(value=None, visible=False), gr.update(value=None, interactive=False))
+                gr.update(value=None, visible=False), gr.update(value=None, visible=False),
+                gr.update(value=None, interactive=False))
 
     def on_upload(file: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
                   progress=gr.Progress()):
         session = _session(service, request)
         if not file:
-            return (gr.skip(),) * 7 + (None,)
+            return (gr.skip(),) * 8 + (None,)
         name = Path(str(file)).name
         try:
             path = service.ingest_upload(session, file, name)
@@ -112,7 +113,7 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
                    progress=gr.Progress()):
         session = _session(service, request)
         if not label or label not in examples:
-            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 6
+            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 7
         try:
             status = open_path(session, examples[label], label, mpp, progress)
         except SlideChatError as exc:
@@ -238,7 +239,7 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
 
         # ------------------------------------------------------------------ events
         model = dict(concurrency_limit=config.concurrency, concurrency_id=MODEL_GROUP)
-        open_outputs = [status, image, facts, chatbot, question, report_md, download_conv]
+        open_outputs = [status, image, facts, chatbot, question, report_md, report_files, download_conv]
         upload.upload(on_upload, [upload, mpp, show_heatmap, alpha], open_outputs + [upload],
                       show_progress="full", show_progress_on=[image], api_name="upload_slide", **model)
         example_btn.click(on_example, [example_pick, mpp, show_heatmap, alpha], open_outputs,
