@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from slidechat.errors import MissingMppError, SlideChatError, SlideReadError
+from slidechat.errors import MissingMppError, NoTissueError, SlideChatError, SlideReadError
 from slidechat import viz
 
 from app.config import AppConfig
@@ -154,6 +154,9 @@ class ChatService:
                 conversation = self.assistant.chat(encoded, max_new_tokens=self.config.max_new_tokens)
             except SlideChatError as exc:
                 text = user_message(exc, {str(path): name, str(path.parent) + "/": ""})
+                if isinstance(exc, NoTissueError):  # the app has no threshold option: say what to check instead
+                    text = re.sub(r";\s*if the slide is faint.*$", "; check that the file shows stained tissue "
+                                  "(a faint slide can be extracted with `slidechat extract --tissue-threshold`)", text)
                 if isinstance(exc, MissingMppError):
                     text = text.replace("pass it with --mpp", "enter it under Advanced → Microns per pixel") \
                                .replace("--mpp ", "").replace("--mpp", "microns per pixel")
