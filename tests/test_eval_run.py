@@ -74,3 +74,25 @@ def test_eval_run_synth_all_tasks_and_resume(synth_dataset, tiny_checkpoint_dir,
     assert r2["closed_vqa"]["overall"]["n"] == 4 and r2["closed_vqa"]["errors"] == ["999"]
     assert any(p["status"] == "error" and "missing-slide" in p["error"] for p in read_jsonl(out2 / "predictions.jsonl"))
     assert len(truth) >= 2
+
+
+def test_eval_run_retrieval_with_stage0_heads(synth_dataset, tiny_checkpoint_dir, tmp_path):
+    """A checkpoint with (random) stage-0 retrieval heads gets recall@K and zero-shot numbers."""
+    from training.contrastive import RetrievalHeads, save_retrieval_heads
+
+    ckpt = tmp_path / "ckpt_with_heads"
+    shutil.copytree(tiny_checkpoint_dir, ckpt)
+    llm_hidden = 64  # the tiny LLM's hidden size: slide tokens and LLM text features are both 64-d
+    torch.manual_seed(0)
+    save_retrieval_heads(RetrievalHeads(llm_hidden, llm_hidden, 16), ckpt, text_encoder="llm",
+                         text_dim=llm_hidden, embed_dim=16)
+    out = tmp_path / "ret"
+    assert main(["eval", "run", "--checkpoint", str(ckpt), "--data", str(synth_dataset), "--out", str(out),
+                 "--tasks", "retrieval", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    r = json.loads((out / "results.json").read_text())["retrieval"]
+    n = len(read_jsonl(synth_dataset / "captions.jsonl"))
+    assert r["n"] == n and "skipped" not in r
+    for direction in ("slide_to_text", "text_to_slide"):
+        assert 0 <= r[direction]["R@1"] <= r[direction]["R@5"] == 1.0  # R@5 covers all of <= 5 candidates
+    assert 0 <= r["zero_shot_accuracy"] <= 1
+    assert "## Retrieval" in (out / "results.md").read_text()
