@@ -96,7 +96,7 @@ def score_files(pred: str | Path, gold: str | Path | None, *, bootstrap: Bootstr
     meta = {"pred": str(pred), "gold": str(gold), "model": Path(pred).stem,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     kind = detect_gold_kind(gold)
-    outputs = load_predictions(pred)
+    outputs = load_predictions(pred, task=kind)
     if kind == "closed_vqa":
         summary, records = score_closed_vqa(load_closed_vqa(gold), outputs, bootstrap)
         return {"meta": meta, "closed_vqa": summary}, records

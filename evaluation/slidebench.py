@@ -153,32 +153,34 @@ def load_closed_vqa(path: str | Path) -> list[ClosedVQAItem]:
     return items
 
 
-def load_predictions(path: str | Path) -> dict[str, str]:
+def load_predictions(path: str | Path, task: str | None = None) -> dict[str, str]:
     """Load predictions as {question id: model output text}.
 
     Accepts JSONL/JSON records (id + output text) or a CSV with ``ID`` and ``Output`` columns.
-    Repeated ids get the same ``#k`` suffixes as the gold file, so row order matches.
+    Repeated ids get the same ``#k`` suffixes as the gold file, so row order matches. With ``task``,
+    records that carry a different ``task`` field (an `eval run` log mixes tasks) are skipped.
     """
     rows = read_table(path)
     if not rows:
         raise DataError(f"{path}: no predictions found")
     out: dict[str, str] = {}
+    if task is not None and not any(_normalize_keys(r).get("task") in (None, task) for r in rows):
+        raise DataError(f"{path}: no predictions for task {task!r}")
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         row = _normalize_keys(row)
+        if task is not None and row.get("task") not in (None, task):
+            continue
         raw_id = _first(row, ID_KEYS)
         if raw_id is None:
             raise DataError(f"{path} record {i + 1}: no id (expected one of {', '.join(ID_KEYS)})")
-        text = None
-        for key in OUTPUT_KEYS:
-            if key in row:
-                text = row[key]
-                break
-        if text is None:
+        key = next((k for k in OUTPUT_KEYS if k in row), None)
+        if key is None:
             raise DataError(f"{path} record {i + 1}: no model output (expected 'Output' or 'output')")
         pid = _clean(raw_id)
         k = seen.get(pid, 0)
         seen[pid] = k + 1
+        text = row[key]
         out[f"{pid}#{k}" if k else pid] = "" if text is None else str(text)
     return out
 
