@@ -53,7 +53,10 @@ def _status(kind: str, text: str) -> str:
 def _facts_markdown(facts: dict[str, Any]) -> str:
     if not facts:
         return ""
-    rows = "\n".join(f"| {html.escape(str(k))} | {html.escape(str(v))} |" for k, v in facts.items())
+    def cell(v: Any) -> str:
+        return html.escape(str(v)).replace("|", "&#124;")
+
+    rows = "\n".join(f"| {cell(k)} | {cell(v)} |" for k, v in facts.items())
     return "| Slide facts | |\n|---|---|\n" + rows
 
 
