@@ -3,7 +3,8 @@
     slidechat report SLIDES... --out DIR [--checkpoint demo] [--prompt TEXT]
     slidechat report cases.csv --out DIR            # CSV: slide_path [, case_id, prompt]
     slidechat report 'data/*.svs' --out DIR --num-shards 4 --shard-id 0
-    accelerate launch -m slidechat.cli report data/ --out DIR   # one shard per process
+    accelerate launch --multi_gpu --num_processes 4 -m slidechat.cli report data/ --out DIR  # a shard per GPU
+    torchrun --nproc_per_node 2 -m slidechat.cli report data/ --out DIR                      # (tested on CPU)
 """
 
 from __future__ import annotations
