@@ -175,9 +175,35 @@ def _device_for_process(device: str | None) -> str | None:
     return None
 
 
-def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path) -> dict:
-    """Encode a slide and draw its thumbnail (runs in the prefetch thread)."""
+def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None:
+    """Fill ``encode_slide``'s feature cache for ``path`` reading tiles with threads, not DataLoader processes.
+
+    Forking DataLoader workers from the prefetch thread while the main thread runs the LLM can kill the
+    workers (fork + a busy OpenMP pool); thread readers avoid the fork. ``encode_slide`` then finds the
+    cached file (if the cache layout ever differs it simply extracts again, which is still correct).
+    """
+    from slidechat.inference import encode as inference_encode
+
+    if path.suffix.lower() in inference_encode.FEATURE_SUFFIXES or assistant.config.patch_encoder is None:
+        return
+    if not path.is_file():
+        return  # encode_slide raises the proper error
+    from slidechat.features.extract import extract_slide
+
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else inference_encode.default_feature_cache()
+    h5 = cache / inference_encode.encoder_cache_key(assistant) / f"{sha256_file(path)}.h5"
+    if h5.is_file():
+        return
+    ref = assistant.config.patch_encoder
+    extract_slide(path, inference_encode.load_patch_encoder(assistant), h5, target_mpp=ref.target_mpp,
+                  patch_size=ref.patch_size, mpp=cfg.mpp, num_workers=2, reader_mode="threads")
+
+
+def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
+    """Encode a slide and draw its thumbnail (runs in the prefetch thread when ``in_thread``)."""
     t0 = time.perf_counter()
+    if in_thread:
+        _extract_with_threads(assistant, job.slide_path, cfg)
     enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir)
     prep = {"enc": enc, "encode_s": time.perf_counter() - t0, "thumb": None, "size0": None}
     try:
@@ -285,7 +311,7 @@ def run_batch(cfg: BatchReportConfig) -> dict:
 
     def submit(job: SlideJob):
         if pool is not None:
-            return pool.submit(_prepare, assistant, job, cfg, out)
+            return pool.submit(_prepare, assistant, job, cfg, out, True)
         fut: cf.Future = cf.Future()
         try:
             fut.set_result(_prepare(assistant, job, cfg, out))

@@ -66,6 +66,8 @@ def test_batch_interrupted_and_resumed_gives_3_ok_1_error(batch_inputs, tiny_che
         assert r["report_text"].startswith("TISSUE TYPES") and "lesion_present" in r["fields"]
         assert (out / r["heatmap_path"]).is_file() and (out / r["thumbnail_path"]).is_file()
         assert r["timing"]["report_s"] > 0 and "prefetch_wait_s" in r["timing"]
+    # the prefetch thread fills encode_slide's own feature cache: one .h5 per readable slide, none twice
+    assert len(list(cache.rglob("*.h5"))) == 3
     html = (out / "index.html").read_text()
     assert html.count('class="card') == 4 and "3 ok, 1 error" in html
     shutil.copytree(out, test_output / "report_batch", dirs_exist_ok=True)
