@@ -243,6 +243,11 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
         # ------------------------------------------------------------------ events
         model = dict(concurrency_limit=config.concurrency, concurrency_id=MODEL_GROUP)
         open_outputs = [status, image, facts, chatbot, question, report_md, report_files, download_conv]
+        upload.upload(lambda f: _status("info", f"Opening {Path(str(f)).name if f else 'the slide'}: detecting tissue, "
+                                              "tiling and encoding…"),
+                      upload, status, queue=False, show_progress="hidden", api_name=False)
+        example_btn.click(lambda label: _status("info", f"Opening {label}…"), example_pick, status, queue=False,
+                          show_progress="hidden", api_name=False)
         upload.upload(on_upload, [upload, mpp, show_heatmap, alpha], open_outputs + [upload],
                       show_progress="full", show_progress_on=[image], api_name="upload_slide", **model)
         example_btn.click(on_example, [example_pick, mpp, show_heatmap, alpha], open_outputs,
