@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if 10000 in sizes and get("linear", 10000) and get("qformer", 10000):
         ratios["linear_over_qformer_ttft_at_10k"] = get("linear", 10000) / get("qformer", 10000)
     mid = max((n for n in sizes if get("linear", n) and get("qformer", n)), default=None)
-    if mid is not None:
+    if mid is not None and mid != 10000:
         ratios[f"linear_over_qformer_ttft_at_{mid}"] = get("linear", mid) / get("qformer", mid)
     if get("qformer", max(sizes)) and get("qformer", min(sizes)):
         ratios[f"qformer_ttft_{max(sizes)}_over_{min(sizes)}"] = get("qformer", max(sizes)) / get("qformer", min(sizes))
