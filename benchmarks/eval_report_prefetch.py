@@ -1,8 +1,10 @@
 """Batch reports: does encoding slide i+1 in the background while generating for slide i pay off?
 
-Runs `slidechat report`'s ``run_batch`` twice in this process over the same fresh SynthSlide slides, once
-with the prefetch thread and once without, each with its own empty feature cache (so both tile + encode
-every slide), and prints the wall time per slide and the ratio (baseline in the same run).
+Runs `slidechat report`'s ``run_batch`` three times in this process over the same fresh SynthSlide slides,
+each with its own empty feature cache (so every run tiles + encodes every slide): sequential with the
+default DataLoader-process tile reader, sequential with the thread reader (what the prefetch thread uses,
+so the overlap is isolated), and with the prefetch thread. Prints wall time per slide and ratios against
+the first row (baseline in the same run).
 
     .venv/bin/python benchmarks/eval_report_prefetch.py                         # demo-untrained (SmolLM2)
     .venv/bin/python benchmarks/eval_report_prefetch.py --checkpoint DIR --n-slides 6 --size small
@@ -43,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         run_batch(BatchReportConfig(inputs=[slides], out_dir=str(tmp / "warm"), checkpoint=args.checkpoint,
                                     cache_dir=str(tmp / "warm_cache"), max_new_tokens=2, summary_max_new_tokens=2,
                                     progress=False, device=args.device))
-        for prefetch in (False, True):
-            tag = "prefetch" if prefetch else "sequential"
+        for tag, prefetch, threads in (("sequential", False, False), ("seq-threads", False, True),
+                                       ("prefetch", True, True)):
             t0 = time.perf_counter()
             counts = run_batch(BatchReportConfig(
                 inputs=[slides], out_dir=str(tmp / tag), checkpoint=args.checkpoint, cache_dir=str(tmp / f"cache_{tag}"),
                 max_new_tokens=args.max_new_tokens, summary_max_new_tokens=args.max_new_tokens, progress=False,
-                prefetch=prefetch, device=args.device))
+                prefetch=prefetch, thread_reader=threads, device=args.device))
             wall = time.perf_counter() - t0
             recs = [json.loads(line) for line in (tmp / tag / "reports.jsonl").read_text().splitlines()]
             enc = sum(r["timing"].get("encode_s", 0) for r in recs)

@@ -66,6 +66,7 @@ class BatchReportConfig:
     summary_max_new_tokens: int = 160  # for the free-text summary
     retry_errors: bool = False
     prefetch: bool = True
+    thread_reader: bool | None = None  # read tiles with threads; None: only in the prefetch thread (see below)
     progress: bool = True
     mpp: float | None = None
     on_record: Callable[[dict], None] | None = field(default=None, repr=False)  # called after each append
@@ -202,7 +203,7 @@ def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None
 def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
     """Encode a slide and draw its thumbnail (runs in the prefetch thread when ``in_thread``)."""
     t0 = time.perf_counter()
-    if in_thread:
+    if in_thread if cfg.thread_reader is None else cfg.thread_reader:
         _extract_with_threads(assistant, job.slide_path, cfg)
     enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir)
     prep = {"enc": enc, "encode_s": time.perf_counter() - t0, "thumb": None, "size0": None}
