@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import pytest
 import torch
 
 from slidechat.cli import main
@@ -14,9 +15,16 @@ from slidechat.utils.io import read_jsonl
 torch.set_num_threads(2)
 
 
-def test_eval_run_synth_all_tasks_and_resume(synth_dataset, tiny_checkpoint_dir, tmp_path, test_output, capsys):
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One feature cache for the module, so each synthetic slide is tiled and encoded once."""
+    return tmp_path_factory.mktemp("eval_feature_cache")
+
+
+def test_eval_run_synth_all_tasks_and_resume(synth_dataset, tiny_checkpoint_dir, feature_cache, tmp_path, test_output,
+                                             capsys):
     out = tmp_path / "run"
-    cache = tmp_path / "cache"
+    cache = feature_cache
     args = ["eval", "run", "--checkpoint", str(tiny_checkpoint_dir), "--data", str(synth_dataset), "--out", str(out),
             "--tasks", "closed_vqa", "captioning", "reports", "grounding", "retrieval", "--limit", "2",
             "--max-new-tokens", "4", "--mcq-max-new-tokens", "4", "--cache-dir", str(cache), "--no-meteor",
@@ -76,7 +84,7 @@ def test_eval_run_synth_all_tasks_and_resume(synth_dataset, tiny_checkpoint_dir,
     assert len(truth) >= 2
 
 
-def test_eval_run_retrieval_with_stage0_heads(synth_dataset, tiny_checkpoint_dir, tmp_path):
+def test_eval_run_retrieval_with_stage0_heads(synth_dataset, tiny_checkpoint_dir, feature_cache, tmp_path):
     """A checkpoint with (random) stage-0 retrieval heads gets recall@K and zero-shot numbers."""
     from training.contrastive import RetrievalHeads, save_retrieval_heads
 
@@ -88,7 +96,7 @@ def test_eval_run_retrieval_with_stage0_heads(synth_dataset, tiny_checkpoint_dir
                          text_dim=llm_hidden, embed_dim=16)
     out = tmp_path / "ret"
     assert main(["eval", "run", "--checkpoint", str(ckpt), "--data", str(synth_dataset), "--out", str(out),
-                 "--tasks", "retrieval", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+                 "--tasks", "retrieval", "--cache-dir", str(feature_cache), "--no-progress"]) == 0
     r = json.loads((out / "results.json").read_text())["retrieval"]
     n = len(read_jsonl(synth_dataset / "captions.jsonl"))
     assert r["n"] == n and "skipped" not in r
