@@ -88,8 +88,9 @@ def collect_patches(synth_dir: str | Path, cfg: PatchCNNTrainConfig) -> tuple[np
             if not wanted[ds.blocks[b]].any():
                 continue
             idx, patches = ds[b]
+            idx = np.asarray(idx, dtype=np.int64)
             sel = wanted[idx]
-            x = torch.from_numpy(patches[sel]).permute(0, 3, 1, 2).float()
+            x = torch.as_tensor(np.asarray(patches)[sel]).permute(0, 3, 1, 2).float()
             if cfg.input_size != cfg.patch_size:
                 x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="bilinear", antialias=True,
                                   align_corners=False)

@@ -148,7 +148,7 @@ def pretrain_slide_encoder(model, synth_dir: str | Path, features_dir: str | Pat
             sched.step()
             tot += float(loss.detach()) * len(idx)
             n += len(idx)
-        if (epoch + 1) % max(1, cfg.epochs // 6) == 0 or epoch == cfg.epochs - 1:
+        if (epoch + 1) % max(1, cfg.epochs // 8) == 0 or epoch == cfg.epochs - 1:
             log.info("[slide-pretrain] epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, tot / max(1, n),
                      f" grounding {float(g):.3f}" if g is not None else "")
     model.eval()
