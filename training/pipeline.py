@@ -122,7 +122,8 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
         ex = recipe.extract
         summary_ex = extract_many([str(synth_dir / "slides")], encoder, features_dir, target_mpp=ex.target_mpp,
                                   patch_size=ex.patch_size, batch_size=ex.batch_size, num_workers=ex.num_workers)
-        record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary_ex)})
+        if summary_ex.written or "extract" not in summary["steps"]:  # a resume that only skipped keeps the first timing
+            record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary_ex)})
 
     data_dir = out / "data"
     if recipe.synth is not None:
