@@ -100,8 +100,11 @@ def test_heatmap_scores_coords_and_region_mapping(assistant):
     manual = rel[:n] + (rel[n:n + enc.num_regions] / enc.region_sizes)[enc.region_index]
     manual = (manual - manual.min()) / (manual.max() - manual.min())
     assert np.allclose(heat.scores, manual.numpy(), atol=1e-5)
+    llm = assistant.llm.get_base_model() if hasattr(assistant.llm, "get_base_model") else assistant.llm
+    attn_before = llm.config._attn_implementation
     weighted = conv.heatmap(weighting="llm")
     assert weighted.scores.shape == (400,) and not np.allclose(weighted.scores, heat.scores)
+    assert attn_before == "sdpa" and llm.config._attn_implementation == attn_before  # eager switch undone
 
 
 def test_heatmap_without_coords_and_for_linear_projector(assistant, tiny_model_config):
