@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -38,10 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Run (or resume) the batch; prints a one-line summary."""
-    if "torch" not in sys.modules:  # libgomp reads this when torch loads; the user's own setting wins
-        # idle OpenMP workers that busy-wait steal shared/oversubscribed cores from the next tiny parallel
-        # region of a decode step (5-25x slower generation measured on a shared 2-core box; no cost when idle)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from evaluation.batch_report import BatchReportConfig, run_batch
 
     cfg = BatchReportConfig(
