@@ -1,6 +1,5 @@
 """slide -> .h5 features, on the real CMU-1 SVS and SynthSlide, through the function and the CLI."""
 
-import shutil
 
 import h5py
 import numpy as np

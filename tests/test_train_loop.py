@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from slidechat.features.store import write_features_h5
 from training.cli import main as train_main

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
 import torch.nn.functional as F
 
 from training.grounding import grounding_loss, patch_relevance

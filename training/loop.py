@@ -9,7 +9,6 @@ itself (each rank takes every world_size-th batch), so the data order — and th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
