@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slidechat.errors import DataError
+from slidechat.prompts import format_mcq
 from slidechat.utils.io import read_jsonl
 
 OPTION_LETTERS = ("A", "B", "C", "D")
@@ -193,9 +194,4 @@ def has_gold_columns(path: str | Path) -> bool:
 
 def format_mcq_prompt(item: ClosedVQAItem) -> str:
     """The closed-VQA prompt: question, the non-empty options, and the answer instruction."""
-    lines = [item.question.strip()]
-    for letter, text in item.options.items():
-        if text:
-            lines.append(f"{letter}. {text}")
-    lines.append("Answer with the option's letter from the given choices directly.")
-    return "\n".join(lines)
+    return format_mcq(item.question, item.options)

@@ -6,6 +6,8 @@ everywhere and normalised to ``SLIDE_PLACEHOLDER``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 SLIDE_PLACEHOLDER = "<slide>"
 PLACEHOLDER_ALIASES = ("<image>", "<slide>", "<wsi>")
 
@@ -39,3 +41,16 @@ def normalise_placeholder(text: str) -> str:
         if alias != SLIDE_PLACEHOLDER:
             text = text.replace(alias, SLIDE_PLACEHOLDER)
     return text
+
+
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def format_mcq(question: str, options: Mapping[str, str]) -> str:
+    """The closed-VQA (SlideBench) prompt: the question, each non-empty option as ``X. text``, the instruction.
+
+    Training data and evaluation both use this, so the model is scored on the prompt it was taught.
+    """
+    lines = [question.strip()] + [f"{letter}. {text}" for letter, text in options.items() if text]
+    lines.append(MCQ_INSTRUCTION)
+    return "\n".join(lines)

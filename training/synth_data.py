@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from slidechat import prompts
 from slidechat.utils.io import read_jsonl, write_json_atomic
 
-MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
 def format_mcq(question: str, options: list[str]) -> str:
-    """The closed-VQA prompt (same text as ``evaluation.slidebench.format_mcq_prompt``)."""
-    lines = [question.strip()] + [f"{letter}. {text}" for letter, text in zip("ABCD", options) if text]
-    lines.append(MCQ_INSTRUCTION)
-    return "\n".join(lines)
+    """The closed-VQA prompt for options listed A, B, C, D (``slidechat.prompts.format_mcq``)."""
+    return prompts.format_mcq(question, dict(zip("ABCD", options)))
 
 
 def mcq_answer(options: list[str], letter: str) -> str:
