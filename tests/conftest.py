@@ -112,17 +112,9 @@ def tiny_slide_assistant(tiny_llm_dir):
     import torch
 
     from slidechat.model.assistant import SlideAssistant
-    from slidechat.model.config import (LLMConfig, PatchEncoderRef, QFormerConfig, SlideAssistantConfig,
-                                        SlideEncoderConfig)
-    from slidechat.encoders import load_encoder
+    from slidechat.model.config import PatchEncoderRef
 
-    dim = int(load_encoder("demo-cnn").embed_dim)
-    config = SlideAssistantConfig(
-        encoder=SlideEncoderConfig(feature_dim=dim, hidden_size=32, num_heads=2, region_size=4, slide_layers=1,
-                                   num_slide_tokens=2),
-        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64),
-        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=PatchEncoderRef(name="demo-cnn"))
+    config = _tiny_demo_cnn_config(tiny_llm_dir, PatchEncoderRef(name="demo-cnn"))
     torch.manual_seed(0)
     return SlideAssistant(config, device="cpu")
 
@@ -134,20 +126,25 @@ def tiny_checkpoint_dir(tiny_llm_dir, tmp_path_factory) -> Path:
     ``slidechat.load(path)`` reads, for CLI-level tests (`slidechat report`, `slidechat eval run`)."""
     import torch
 
-    from slidechat.encoders import load_encoder
     from slidechat.model.assistant import SlideAssistant
-    from slidechat.model.config import (LLMConfig, PatchEncoderRef, QFormerConfig, SlideAssistantConfig,
-                                        SlideEncoderConfig)
+    from slidechat.model.config import PatchEncoderRef
 
-    dim = int(load_encoder("demo-cnn").embed_dim)
-    config = SlideAssistantConfig(
-        encoder=SlideEncoderConfig(feature_dim=dim, hidden_size=32, num_heads=2, region_size=4, slide_layers=1,
-                                   num_slide_tokens=2),
-        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64),
-        llm=LLMConfig(name_or_path=str(tiny_llm_dir)),
-        patch_encoder=PatchEncoderRef(name="demo-cnn", target_mpp=2.0, patch_size=224))
+    config = _tiny_demo_cnn_config(tiny_llm_dir, PatchEncoderRef(name="demo-cnn", target_mpp=2.0, patch_size=224))
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_ckpt")
     SlideAssistant(config, device="cpu").save_pretrained(out)
     return out
+
+
+def _tiny_demo_cnn_config(tiny_llm_dir, patch_encoder):
+    """A tiny slide encoder + Q-Former over demo-CNN features and the tiny random LLM."""
+    from slidechat.encoders import load_encoder
+    from slidechat.model.config import LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig
+
+    dim = int(load_encoder("demo-cnn").embed_dim)
+    return SlideAssistantConfig(
+        encoder=SlideEncoderConfig(feature_dim=dim, hidden_size=32, num_heads=2, region_size=4, slide_layers=1,
+                                   num_slide_tokens=2),
+        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64),
+        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=patch_encoder)

@@ -154,8 +154,8 @@ class MLP(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))
 
 
-class WindowAttentionPool(nn.Module):
-    """One pre-LN layer: each region token attends to the patch tokens of its own window (segment softmax)."""
+class _PreLNAttentionLayer(nn.Module):
+    """Parameters shared by the attention layers below: pre-LN q/kv/mlp norms, q/k/v/o projections, an MLP."""
 
     def __init__(self, hidden: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -163,6 +163,10 @@ class WindowAttentionPool(nn.Module):
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
         self.mlp = MLP(hidden, dropout=dropout)
+
+
+class WindowAttentionPool(_PreLNAttentionLayer):
+    """One pre-LN layer: each region token attends to the patch tokens of its own window (segment softmax)."""
 
     def forward(self, regions: torch.Tensor, patches: torch.Tensor, region_index: torch.Tensor) -> torch.Tensor:
         r, n = regions.shape[0], patches.shape[0]
@@ -177,15 +181,8 @@ class WindowAttentionPool(nn.Module):
         return regions + self.mlp(self.norm_mlp(regions))
 
 
-class CrossAttentionBlock(nn.Module):
+class CrossAttentionBlock(_PreLNAttentionLayer):
     """Pre-LN attention of ``x`` to ``context`` (+ MLP). Uses F.scaled_dot_product_attention."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, hidden // heads
-        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
-        self.mlp = MLP(hidden, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         lq, lk = x.shape[0], context.shape[0]
