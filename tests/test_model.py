@@ -99,6 +99,57 @@ def test_encoder_is_local_within_windows():
     assert changed.tolist() == [True, False, False, False]
 
 
+def test_layout_map_tokens_cells_and_position_sensitivity():
+    """Layout tokens are appended to the slide tokens; a short side gets one cell per patch (no empty in-between
+    cells); the tokens see where features lie relative to the tissue (moving a feature changes them)."""
+    from slidechat.model.slide_encoder import LayoutMap
+
+    cfg = SlideEncoderConfig(feature_dim=8, hidden_size=16, num_heads=2, region_size=2, num_slide_tokens=2,
+                             layout_grid=8, num_layout_tokens=3)
+    enc = HierarchicalSlideEncoder(cfg).eval()
+    coords = torch.tensor([[x * 10, y * 10] for y in range(5) for x in range(12)])
+    f = torch.zeros(60, 8)
+    f[0] = 3.0
+    out = enc(f, coords, 10)
+    assert out.slide_tokens.shape == (5, 16) and out.slide_coords.shape == (5, 2)
+    index, cap, sides = enc.layout.cell_map(out.patch_grid, 8)
+    assert sides == [8, 5]  # 12 columns -> 8 cells, 5 rows -> 5 cells
+    assert torch.bincount(index, minlength=40).min() >= 1 and float(cap.sum()) == 60.0
+    f2 = torch.zeros(60, 8)
+    f2[59] = 3.0  # same feature, opposite corner
+    out2 = enc(f2, coords, 10)
+    assert (out.slide_tokens[2:] - out2.slide_tokens[2:]).abs().max() > 1e-4
+    with pytest.raises(ConfigError):
+        SlideEncoderConfig(layout_grid=2)
+    assert isinstance(enc.layout, LayoutMap)
+
+
+def test_dihedral_augmentation_moves_the_quadrant_with_the_coords():
+    """Flips/transposes of the coords: the lesion quadrant target, recomputed from the moved patches, matches."""
+    from slidechat.synth.classes import QUADRANTS
+    from training.slide_pretrain import dihedral
+
+    coords = torch.tensor([[x * 224, y * 224] for y in range(6) for x in range(10)])
+    lesion = (coords[:, 0] < 3 * 224) & (coords[:, 1] > 3 * 224)  # lower-left block
+
+    def quadrant(c):
+        mid = (c.min(0).values + c.max(0).values) / 2.0
+        cx, cy = c[lesion].float().mean(0)
+        return 1 + 2 * int(cy > mid[1]) + int(cx > mid[0])
+
+    target = {"lesion_quadrant": quadrant(coords), "fragments": 2}
+    assert QUADRANTS[target["lesion_quadrant"] - 1] == "lower-left"
+    seen = set()
+    for fx in (False, True):
+        for fy in (False, True):
+            for tr in (False, True):
+                c2, t2 = dihedral(coords, target, fx, fy, tr)
+                assert t2["lesion_quadrant"] == quadrant(c2) and t2["fragments"] == 2
+                assert sorted(map(tuple, c2.tolist())) != [] and c2.min() >= 0
+                seen.add(t2["lesion_quadrant"])
+    assert seen == {1, 2, 3, 4}
+
+
 _MEM_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     torch.set_num_threads(1)
@@ -270,6 +321,40 @@ def test_save_load_round_trip_identical_logits(tiny, tmp_path):
     assert {p.name for p in (tmp_path / "ck").iterdir()} == {"config.json", "model.safetensors"}
     loaded = SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu")
     assert torch.equal(before, _logits(loaded, feats, coords))
+
+
+def test_concept_tokens_are_mixes_of_word_embeddings_and_round_trip(tiny_model_config, tmp_path):
+    """Concept tokens come first, each a convex mix of its words' input embeddings (a confident head gives exactly
+    the word); the heads are saved and loaded with the checkpoint; duplicate first tokens are refused."""
+    from slidechat.model.qformer import concept_token_id
+
+    cfg = tiny_model_config()
+    cfg.qformer.concepts = [{"name": "lesion", "words": ["tumour", "necrosis", "absent"]},
+                            {"name": "count", "words": ["1", "2"]}]
+    torch.manual_seed(0)
+    model = SlideAssistant(cfg, device="cpu").eval()
+    assert model.num_slide_tokens == 8 + 2
+    feats, coords = _slides()
+    with torch.no_grad():
+        _, proj = model.encode_features(feats, coords)
+        emb = model.llm.get_input_embeddings().weight
+        words = emb[[concept_token_id(model.tokenizer, w) for w in ["tumour", "necrosis", "absent"]]]
+        probs = torch.softmax(proj.concept_logits["lesion"], -1)
+        assert proj.tokens[0].shape == (10, emb.shape[1]) and proj.concept_logits["count"].shape == (2, 2)
+        assert torch.allclose(proj.tokens[1][0], probs[1] @ words, atol=1e-5)
+        head = model.projector.concept_heads["lesion"]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))  # certain: "necrosis"
+        _, proj2 = model.encode_features(feats, coords)
+        assert torch.allclose(proj2.tokens[0][0], words[1], atol=1e-4)
+        logits = _logits(model, feats, coords)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu")
+    assert torch.equal(logits, _logits(loaded, feats, coords))
+    bad = tiny_model_config()
+    bad.qformer.concepts = [{"name": "x", "words": ["tumour focus", "tumour bed"]}]
+    with pytest.raises(ConfigError, match="distinct"):
+        SlideAssistant(bad, device="cpu")
 
 
 def test_lora_changes_only_adapter_weights_and_round_trips(tiny_model_config, tmp_path):

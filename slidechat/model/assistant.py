@@ -96,6 +96,8 @@ class SlideAssistant(nn.Module):
         self.slide_encoder = HierarchicalSlideEncoder(config.encoder)
         if config.projector == "qformer":
             self.projector: nn.Module = QFormerProjector(config.qformer, llm_hidden)
+            if config.qformer.concepts:
+                self.projector.set_concept_vocabulary(tokenizer, self.llm.get_input_embeddings().weight)
         else:
             lc = config.linear
             self.projector = LinearProjector(config.encoder.hidden_size, llm_hidden, lc.num_layers, lc.max_tokens,
@@ -117,7 +119,7 @@ class SlideAssistant(nn.Module):
     @property
     def num_slide_tokens(self) -> int | None:
         """K for the Q-Former; None for the linear baseline (one token per patch)."""
-        return self.config.qformer.num_query_tokens if self.config.projector == "qformer" else None
+        return self.projector.num_output_tokens if self.config.projector == "qformer" else None
 
     def stop_token_ids(self) -> set[int]:
         """Token ids that end an assistant turn (eos of the tokenizer and generation config, template end tokens)."""

@@ -38,6 +38,9 @@ class SlideEncoderConfig:
     region_layers: int = 1  # attention-pooling layers inside each window
     slide_layers: int = 2  # induced-set-attention layers over region tokens
     num_slide_tokens: int = 4  # learned [CLS]-style slide tokens
+    layout_grid: int = 0  # G > 0: add a coarse G x G map of the tissue (over its bounding box) read by a small CNN
+    layout_channels: int = 16  # feature channels per layout-map cell (plus one occupancy channel)
+    num_layout_tokens: int = 4  # slide tokens made from the layout map (appended to the learned slide tokens)
     dropout: float = 0.0
     pos_max_period: float = 10000.0
 
@@ -48,6 +51,8 @@ class SlideEncoderConfig:
             raise ConfigError("encoder hidden_size must be a multiple of 4 (2-D sinusoidal positions)")
         if self.region_size < 1 or self.num_slide_tokens < 1:
             raise ConfigError("region_size and num_slide_tokens must be >= 1")
+        if self.layout_grid and (self.layout_grid < 4 or self.num_layout_tokens < 1 or self.layout_channels < 1):
+            raise ConfigError("layout_grid must be 0 (off) or >= 4, with num_layout_tokens and layout_channels >= 1")
 
     to_dict = dataclasses.asdict
 
@@ -77,12 +82,19 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     key_chunk_size: int = 16384
+    # Concept tokens (optional): [{"name": "dominant", "words": ["fibrous stroma", "normal glands", ...]}, ...].
+    # Each concept gets one extra LLM token = the softmax(head(queries))-weighted mix of its words' input embeddings
+    # (first token of each word), placed before the K query tokens. Heads are trained on structured labels.
+    concepts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("qformer hidden_size must be divisible by num_attention_heads")
         if self.num_query_tokens < 1:
             raise ConfigError("num_query_tokens must be >= 1")
+        for c in self.concepts:
+            if not isinstance(c, dict) or not c.get("name") or len(c.get("words") or []) < 2:
+                raise ConfigError(f"qformer concept {c!r}: needs a name and at least two words")
 
     to_dict = dataclasses.asdict
 

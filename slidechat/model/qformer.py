@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidechat.errors import ConfigError
 from slidechat.model.config import QFormerConfig
 
 
@@ -201,6 +202,7 @@ class ProjectorOutput:
 
     tokens: list[torch.Tensor]
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    concept_logits: dict[str, torch.Tensor] | None = None  # [B, n_words] per concept (Q-Former with concepts)
 
 
 class QFormerProjector(nn.Module):
@@ -213,6 +215,23 @@ class QFormerProjector(nn.Module):
         self.qformer = QFormerModel(config)
         self.language_projection = nn.Linear(config.hidden_size, llm_hidden_size)
         self._init_weights()
+        self.concept_norm = nn.LayerNorm(config.num_query_tokens * config.hidden_size) if config.concepts else None
+        self.concept_heads = nn.ModuleDict({
+            c["name"]: nn.Linear(config.num_query_tokens * config.hidden_size, len(c["words"])) for c in config.concepts})
+        self._concept_ready = not config.concepts
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.config.num_query_tokens + len(self.config.concepts)
+
+    def set_concept_vocabulary(self, tokenizer, input_embeddings: torch.Tensor) -> None:
+        """Look up each concept word's embedding (first non-blank token of " word") in the LLM's input embeddings."""
+        for c in self.config.concepts:
+            ids = [concept_token_id(tokenizer, w) for w in c["words"]]
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"concept {c['name']!r}: words {c['words']} do not start with distinct tokens")
+            self.register_buffer(f"concept_words_{c['name']}", input_embeddings[ids].detach().clone(), persistent=False)
+        self._concept_ready = True
 
     def _init_weights(self) -> None:
         for m in self.qformer.modules():
@@ -227,7 +246,25 @@ class QFormerProjector(nn.Module):
         queries = self.query_tokens.expand(b, -1, -1)
         hidden, cross = self.qformer(queries, memory, memory_mask, output_attentions)
         tokens = self.language_projection(hidden)
-        return ProjectorOutput(tokens=list(tokens.unbind(0)), cross_attentions=cross if output_attentions else None)
+        logits = None
+        if self.config.concepts:
+            if not self._concept_ready:
+                raise ConfigError("concept tokens need set_concept_vocabulary(tokenizer, embeddings) first")
+            pooled = self.concept_norm(hidden.flatten(1))
+            logits = {name: head(pooled) for name, head in self.concept_heads.items()}
+            words = [torch.softmax(lg.float(), dim=-1).to(tokens.dtype) @ getattr(self, f"concept_words_{name}").to(tokens.dtype)
+                     for name, lg in logits.items()]
+            tokens = torch.cat([torch.stack(words, dim=1), tokens], dim=1)
+        return ProjectorOutput(tokens=list(tokens.unbind(0)), cross_attentions=cross if output_attentions else None,
+                               concept_logits=logits)
+
+
+def concept_token_id(tokenizer, word: str) -> int:
+    """Id of the first non-blank token of ``word`` as it is split inside running text (after a space)."""
+    for i in tokenizer(" " + word, add_special_tokens=False).input_ids:
+        if tokenizer.decode([i]).strip():
+            return int(i)
+    raise ConfigError(f"concept word {word!r} has no token")
 
 
 class LinearProjector(nn.Module):

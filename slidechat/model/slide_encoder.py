@@ -10,6 +10,11 @@ Levels (every one is exposed, each token keeps a level-0 coordinate):
 3. **Slide tokens**: ``num_slide_tokens`` learned tokens and the region tokens exchange information through
    induced set attention (Lee et al., 2019, "Set Transformer"): slide tokens attend to [slide ∪ regions],
    then regions attend to the slide tokens. Cost O(S·R), so linear in N; no N x N (or R x R) attention anywhere.
+4. **Layout tokens** (``layout_grid`` G > 0): the patch tokens are averaged onto a coarse G x G map laid over the
+   tissue's bounding box (plus how much of each cell is tissue), a small CNN reads the map and emits
+   ``num_layout_tokens`` more slide tokens. Attention pools are blind to shape; this map carries where things are
+   relative to the specimen (which quadrant), how the tissue is split into pieces, and how compact a focus is.
+   Positions are relative to the tissue extent, so it works the same for a biopsy and a resection. Cost O(N + G²).
 
 **Patch grid.** With coords, grid index = ``(xy - min) / step`` where ``step`` is ``patch_size_level0`` when
 known, else the smallest positive spacing between distinct coordinates. **Without coords** (SlideChat feature
@@ -195,6 +200,51 @@ class CrossAttentionBlock(_PreLNAttentionLayer):
         return x + self.mlp(self.norm_mlp(x))
 
 
+class LayoutMap(nn.Module):
+    """Coarse map of the specimen: patch tokens averaged onto G x G cells over the tissue bounding box -> tokens."""
+
+    def __init__(self, hidden: int, grid: int, channels: int, num_tokens: int) -> None:
+        super().__init__()
+        self.grid, self.num_tokens, self.hidden = grid, num_tokens, hidden
+        self.reduce = nn.Linear(hidden, channels)
+        width = 32
+        self.cnn = nn.Sequential(
+            nn.Conv2d(channels + 1, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.GELU(),
+            nn.AdaptiveAvgPool2d(4))
+        self.out = nn.Linear(2 * width * 16, num_tokens * hidden)
+
+    def cell_map(self, grid_xy: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Cell of each patch and each cell's capacity (grid positions it covers) on a map of at most G cells per
+        side; a side shorter than G patches gets one cell per patch, so no empty in-between cells appear."""
+        lo = grid_xy.min(dim=0).values
+        ext = (grid_xy.max(dim=0).values - lo + 1).tolist()
+        sides = [max(1, min(n_cells, int(e))) for e in ext]
+        cells, capacity = [], []
+        for axis in range(2):
+            scale = sides[axis] / ext[axis]
+            cells.append(((grid_xy[:, axis] - lo[axis]).float() * scale).long().clamp_max(sides[axis] - 1))
+            all_pos = (torch.arange(ext[axis], device=grid_xy.device).float() * scale).long().clamp_max(sides[axis] - 1)
+            capacity.append(torch.bincount(all_pos, minlength=sides[axis]).float())
+        index = cells[1] * sides[0] + cells[0]
+        cap = (capacity[1][:, None] * capacity[0][None, :]).flatten()
+        return index, cap, sides
+
+    def forward(self, x: torch.Tensor, grid_xy: torch.Tensor) -> torch.Tensor:
+        g = self.grid
+        index, cap, (sx, sy) = self.cell_map(grid_xy, g)
+        feats = self.reduce(x)
+        sums = feats.new_zeros((sx * sy, feats.shape[1])).index_add(0, index, feats)
+        counts = torch.bincount(index, minlength=sx * sy).to(feats.dtype)
+        mean = sums / counts.clamp_min(1.0)[:, None]
+        occupancy = (counts / cap.to(feats.dtype)).clamp_max(1.0)
+        m = torch.cat([mean, occupancy[:, None]], dim=1).T.reshape(1, -1, sy, sx)
+        if (sx, sy) != (g, g):
+            m = F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False)
+        return self.out(self.cnn(m).flatten(1)).view(self.num_tokens, self.hidden)
+
+
 class HierarchicalSlideEncoder(nn.Module):
     """Patch features -> patch / region / slide tokens (see module docstring). One slide per call."""
 
@@ -212,6 +262,8 @@ class HierarchicalSlideEncoder(nn.Module):
             CrossAttentionBlock(h, config.num_heads, config.dropout) for _ in range(config.slide_layers))
         self.regions_from_slide = nn.ModuleList(
             CrossAttentionBlock(h, config.num_heads, config.dropout) for _ in range(config.slide_layers))
+        self.layout = (LayoutMap(h, config.layout_grid, config.layout_channels, config.num_layout_tokens)
+                       if config.layout_grid else None)
         self.out_norm = nn.LayerNorm(h)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -252,7 +304,9 @@ class HierarchicalSlideEncoder(nn.Module):
             slide = to_slide(slide, torch.cat([slide, regions], dim=0))
             regions = to_regions(regions, slide)
 
-        slide_coords = pcoords.mean(dim=0, keepdim=True).expand(cfg.num_slide_tokens, 2)
+        if self.layout is not None:
+            slide = torch.cat([slide, self.layout(x, grid)], dim=0)
+        slide_coords = pcoords.mean(dim=0, keepdim=True).expand(slide.shape[0], 2)
         return SlideEncoderOutput(
             patch_tokens=x, region_tokens=self.out_norm(regions), slide_tokens=self.out_norm(slide),
             patch_coords=pcoords, region_coords=rcoords, slide_coords=slide_coords, patch_grid=grid,
