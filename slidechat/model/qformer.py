@@ -10,6 +10,12 @@ Differences from ``Blip2QFormerModel`` (none of them numerical):
   never materialise the full [heads, K, N] score matrix unless attention maps are requested;
 - the key padding mask is a bool [B, L] mask (True = real token);
 - cross-attention probabilities are returned (per cross-attention layer, [B, heads, K, L]) for heatmaps.
+
+**Concept tokens** (optional, ``QFormerConfig.concepts``): for each named concept (e.g. "dominant tissue" with its
+candidate words) a linear head reads the K query outputs; its softmax weights mix the LLM's own input embeddings of
+the candidate words into one token, and the C concept tokens go before the K query tokens. A confident head hands
+the LLM the very word it must use, so the LLM learns to *read* the slide in a few hundred steps instead of decoding an
+arbitrary code; the heads are trained on structured labels (``training/slide_pretrain.py``).
 """
 
 from __future__ import annotations
