@@ -85,7 +85,9 @@ def extra_slide_tokens(model) -> int:
     k = model.num_slide_tokens
     if k is None:
         cap = model.config.linear.max_tokens or 0
-        return max(0, cap + model.config.encoder.num_slide_tokens - 1)
+        enc = model.config.encoder
+        slide = enc.num_slide_tokens + (enc.num_layout_tokens if enc.layout_grid else 0)
+        return max(0, cap + slide - 1)
     return k - 1
 
 
