@@ -92,7 +92,10 @@ def measure_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, n: int = 
     for sid, t in truths.items():
         if not t.get("lesion"):
             continue
-        hm = assistant.chat(encoded[sid]).heatmap()
+        conv = assistant.chat(encoded[sid])
+        if assistant.config.projector != "qformer":  # the linear projector's heatmap is weighted by the LLM's attention
+            conv.ask("Is there a focal lesion, and where is it?", max_new_tokens=8)
+        hm = conv.heatmap()
         m, b = pointing_hit(hm, t, sd)
         hits_mask.append(m)
         hits_box.append(b)
