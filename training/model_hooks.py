@@ -85,9 +85,7 @@ def extra_slide_tokens(model) -> int:
     k = model.num_slide_tokens
     if k is None:
         cap = model.config.linear.max_tokens or 0
-        enc = model.config.encoder
-        slide = enc.num_slide_tokens + (enc.num_layout_tokens if enc.layout_grid else 0)
-        return max(0, cap + slide - 1)
+        return max(0, cap + model.config.encoder.num_output_slide_tokens - 1)
     return k - 1
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
 from training.grounding import grounding_loss, patch_relevance
 
@@ -29,8 +30,6 @@ log = logging.getLogger("training")
 
 def synth_attributes(truth: dict) -> dict[str, int | list[int]]:
     """Class targets of one SynthSlide truth record (one per closed-VQA category, plus presence)."""
-    from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
-
     les = truth.get("lesion")
     bins = [b[2] for b in TUMOR_FRACTION_BINS]
     return {
@@ -56,11 +55,10 @@ def _quadrant_part(attrs: dict, part: int) -> int:
 # Targets of the SynthSlide concept tokens (``qformer.concepts`` names -> index into that concept's words; the words
 # are listed in training/recipes/demo.yaml in the same order).
 SYNTH_CONCEPT_TARGETS = {
-    **{f"present_{c}": (lambda a, i=i: 0 if a["presence"][i] else 1)
-       for i, c in enumerate(("stroma", "normal_glands", "tumor", "necrosis", "lymphocytes", "fat"))},
+    **{f"present_{c}": (lambda a, i=i: 0 if a["presence"][i] else 1) for i, c in enumerate(TISSUE_CLASSES)},
     "dominant": lambda a: a["dominant"],
     "fragments": lambda a: a["fragments"],
-    "lesion": lambda a: a["lesion_type"] - 1 if a["lesion_type"] else 3,
+    "lesion": lambda a: a["lesion_type"] - 1 if a["lesion_type"] else len(LESION_CLASSES),  # last word: no lesion
     "lesion_row": lambda a: _quadrant_part(a, 0),
     "lesion_side": lambda a: _quadrant_part(a, 1),
     "tumour_fraction": lambda a: a["tumor_bin"],

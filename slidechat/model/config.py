@@ -54,6 +54,11 @@ class SlideEncoderConfig:
         if self.layout_grid and (self.layout_grid < 4 or self.num_layout_tokens < 1 or self.layout_channels < 1):
             raise ConfigError("layout_grid must be 0 (off) or >= 4, with num_layout_tokens and layout_channels >= 1")
 
+    @property
+    def num_output_slide_tokens(self) -> int:
+        """Slide tokens the encoder emits: the learned ones, then the layout-map ones."""
+        return self.num_slide_tokens + (self.num_layout_tokens if self.layout_grid else 0)
+
     to_dict = dataclasses.asdict
 
     @classmethod

@@ -224,7 +224,6 @@ class QFormerProjector(nn.Module):
         self.concept_norm = nn.LayerNorm(config.num_query_tokens * config.hidden_size) if config.concepts else None
         self.concept_heads = nn.ModuleDict({
             c["name"]: nn.Linear(config.num_query_tokens * config.hidden_size, len(c["words"])) for c in config.concepts})
-        self._concept_ready = not config.concepts
 
     @property
     def num_output_tokens(self) -> int:
@@ -237,7 +236,6 @@ class QFormerProjector(nn.Module):
             if len(set(ids)) != len(ids):
                 raise ConfigError(f"concept {c['name']!r}: words {c['words']} do not start with distinct tokens")
             self.register_buffer(f"concept_words_{c['name']}", input_embeddings[ids].detach().clone(), persistent=False)
-        self._concept_ready = True
 
     def _init_weights(self) -> None:
         for m in self.qformer.modules():
@@ -254,11 +252,12 @@ class QFormerProjector(nn.Module):
         tokens = self.language_projection(hidden)
         logits = None
         if self.config.concepts:
-            if not self._concept_ready:
+            vocab = {name: getattr(self, f"concept_words_{name}", None) for name in self.concept_heads}
+            if any(v is None for v in vocab.values()):
                 raise ConfigError("concept tokens need set_concept_vocabulary(tokenizer, embeddings) first")
             pooled = self.concept_norm(hidden.flatten(1))
             logits = {name: head(pooled) for name, head in self.concept_heads.items()}
-            words = [torch.softmax(lg.float(), dim=-1).to(tokens.dtype) @ getattr(self, f"concept_words_{name}").to(tokens.dtype)
+            words = [torch.softmax(lg.float(), dim=-1).to(tokens.dtype) @ vocab[name].to(tokens.dtype)
                      for name, lg in logits.items()]
             tokens = torch.cat([torch.stack(words, dim=1), tokens], dim=1)
         return ProjectorOutput(tokens=list(tokens.unbind(0)), cross_attentions=cross if output_attentions else None,
