@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all browser clean
+.PHONY: install demo test test-all browser check-wheel clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m ''
+
+# Build the wheel, install it into a fresh venv and use it from outside the repository.
+check-wheel: $(STAMP)
+	bash .ci/check-wheel
 
 clean:
 	rm -rf $(VENV) test-output

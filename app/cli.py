@@ -45,7 +45,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from app.config import AppConfig
+    from slidechat.app.config import AppConfig
 
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
@@ -65,7 +65,7 @@ def config_from_args(args: argparse.Namespace):
 
 def serve(args: argparse.Namespace, checkpoint: str | None) -> int:
     """Load the model, build the page and serve until interrupted."""
-    from app.server import launch, load_assistant, prepare
+    from slidechat.app.server import launch, load_assistant, prepare
 
     config = config_from_args(args)
     if args.threads:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli import add_server_arguments, serve
+from slidechat.app.cli import add_server_arguments, serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.config import AppConfig
-from app.examples import example_slides
-from app.service import ChatService
+from slidechat.app.config import AppConfig
+from slidechat.app.examples import example_slides
+from slidechat.app.service import ChatService
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def load_assistant(checkpoint: str | None) -> tuple[Any, str, str | None]:
 
 def prepare(assistant: Any, config: AppConfig, with_examples: bool = True):
     """(service, demo): the ChatService for ``assistant`` and its Blocks app (not launched)."""
-    from app.ui import build_demo
+    from slidechat.app.ui import build_demo
 
     service = ChatService(assistant, config)
     atexit.register(service.registry.close_all)
@@ -58,7 +58,7 @@ def theme():
 
 def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
     """Queue + launch ``demo`` with the config's network, auth, size and concurrency limits."""
-    from app.ui import CSS
+    from slidechat.app.ui import CSS
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=max(4, config.concurrency))
     return demo.launch(
@@ -90,7 +90,7 @@ def start_in_background(assistant: Any, config: AppConfig, examples: dict[str, P
 
     ``config.port`` None picks a free port. Stop it with ``demo.close()`` and ``service.registry.close_all()``.
     """
-    from app.ui import build_demo
+    from slidechat.app.ui import build_demo
 
     if config.port is None:
         config.port = free_port(config.host)

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator
 from slidechat.errors import MissingMppError, NoTissueError, SlideChatError, SlideReadError
 from slidechat import viz
 
-from app.config import AppConfig
-from app.session import SessionRegistry, SlideSession
-from app import export
+from slidechat.app.config import AppConfig
+from slidechat.app.session import SessionRegistry, SlideSession
+from slidechat.app import export
 
 log = logging.getLogger(__name__)
 

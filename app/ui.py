@@ -18,9 +18,9 @@ import gradio as gr
 
 from slidechat.errors import SlideChatError
 
-from app.config import AppConfig
-from app.service import STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, user_message
-from app.session import SlideSession
+from slidechat.app.config import AppConfig
+from slidechat.app.service import STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, user_message
+from slidechat.app.session import SlideSession
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from evaluation.jsonl_log import JsonlLog, repair_torn_tail
+from slidechat.evaluation.jsonl_log import JsonlLog, repair_torn_tail
 from slidechat.errors import ConfigError, DataError, SlideChatError
 from slidechat.utils.io import read_jsonl, sha256_file
 
@@ -208,7 +208,7 @@ def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thr
     enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir)
     prep = {"enc": enc, "encode_s": time.perf_counter() - t0, "thumb": None, "size0": None}
     try:
-        from evaluation.figures import save_image_atomic, slide_thumbnail
+        from slidechat.evaluation.figures import save_image_atomic, slide_thumbnail
 
         thumb, size0 = slide_thumbnail(job.slide_path, cfg.thumbnail_size)
         rel = Path(THUMB_DIR) / f"{safe_name(job.id)}.jpg"
@@ -248,7 +248,7 @@ def _generate(assistant, job: SlideJob, prep: dict, cfg: BatchReportConfig, out:
         try:
             hm = assistant.chat(enc).heatmap()
             if prep.get("thumb") is not None:
-                from evaluation.figures import heatmap_overlay, save_image_atomic
+                from slidechat.evaluation.figures import heatmap_overlay, save_image_atomic
 
                 rel = Path(HEATMAP_DIR) / f"{safe_name(job.id)}.png"
                 save_image_atomic(heatmap_overlay(prep["thumb"], prep["size0"], hm), out / rel)
@@ -276,7 +276,7 @@ def _error_fields(job: SlideJob, exc: BaseException) -> dict:
 
 def merge_shards(out_dir: Path, jobs: list[SlideJob]) -> bool:
     """Write reports.jsonl (job order, one record per id) once every job has a record; True if written."""
-    from evaluation.output_folder import write_predictions
+    from slidechat.evaluation.output_folder import write_predictions
 
     latest = all_records(out_dir)
     if any(j.id not in latest for j in jobs):
@@ -290,7 +290,7 @@ def run_batch(cfg: BatchReportConfig) -> dict:
     import slidechat
     from tqdm.auto import tqdm
 
-    from evaluation.report_index import write_index
+    from slidechat.evaluation.report_index import write_index
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,7 +359,7 @@ def run_batch(cfg: BatchReportConfig) -> dict:
     if num_shards > 1:
         merged = merge_shards(out, all_jobs)
     elif len(shard_log.records) != len(shard_log.latest()):  # --retry-errors appended newer records
-        from evaluation.output_folder import write_predictions
+        from slidechat.evaluation.output_folder import write_predictions
 
         write_predictions(shard_log.path, list(shard_log.latest().values()))
     latest = all_records(out)

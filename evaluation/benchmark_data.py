@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.slidebench import ClosedVQAItem, load_closed_vqa
+from slidechat.evaluation.slidebench import ClosedVQAItem, load_closed_vqa
 from slidechat.errors import DataError
 from slidechat.utils.io import read_jsonl
 

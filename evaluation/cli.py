@@ -65,22 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bootstrap_cfg(args):
-    from evaluation.closed_vqa import BootstrapConfig
+    from slidechat.evaluation.closed_vqa import BootstrapConfig
 
     return BootstrapConfig(n_resamples=args.bootstrap, seed=args.seed)
 
 
 def _text_cfg(args):
-    from evaluation.scoring import TextScoreConfig
+    from slidechat.evaluation.scoring import TextScoreConfig
 
     return TextScoreConfig(with_meteor=not args.no_meteor, with_embedding=not args.no_embedding,
                            numeric_tolerance=args.numeric_tolerance)
 
 
 def _run_score(args) -> int:
-    from evaluation.output_folder import write_results_folder
-    from evaluation.results_table import results_markdown
-    from evaluation.scoring import score_files
+    from slidechat.evaluation.output_folder import write_results_folder
+    from slidechat.evaluation.results_table import results_markdown
+    from slidechat.evaluation.scoring import score_files
 
     results, records = score_files(args.pred, args.gold, bootstrap=_bootstrap_cfg(args), text=_text_cfg(args))
     sys.stdout.write(results_markdown(results))
@@ -91,7 +91,7 @@ def _run_score(args) -> int:
 
 
 def _run_compare(args) -> int:
-    from evaluation.compare import compare_folders, comparison_markdown
+    from slidechat.evaluation.compare import compare_folders, comparison_markdown
     from slidechat.utils.io import write_text_atomic
 
     columns, table = compare_folders(args.folders, args.names)
@@ -103,7 +103,7 @@ def _run_compare(args) -> int:
 
 
 def _run_model(args) -> int:
-    from evaluation.runner import EvalRunConfig, run_evaluation
+    from slidechat.evaluation.runner import EvalRunConfig, run_evaluation
 
     cfg = EvalRunConfig(
         checkpoint=args.checkpoint, data=args.data, out_dir=args.out, tasks=args.tasks, limit=args.limit,
@@ -113,7 +113,7 @@ def _run_model(args) -> int:
         bootstrap=_bootstrap_cfg(args), text=_text_cfg(args),
     )
     results = run_evaluation(cfg)
-    from evaluation.results_table import results_markdown
+    from slidechat.evaluation.results_table import results_markdown
 
     sys.stdout.write(results_markdown(results))
     return 0

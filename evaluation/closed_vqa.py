@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from evaluation.answer_parser import parse_choice
-from evaluation.metrics.bootstrap import bootstrap_ci
-from evaluation.slidebench import ClosedVQAItem
+from slidechat.evaluation.answer_parser import parse_choice
+from slidechat.evaluation.metrics.bootstrap import bootstrap_ci
+from slidechat.evaluation.slidebench import ClosedVQAItem
 
 GROUPINGS = {"broad_category": "Broad Category", "narrow_category": "Narrow Category", "tumor": "Tumor"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.output_folder import read_results
-from evaluation.results_table import fmt, headline_metrics
+from slidechat.evaluation.output_folder import read_results
+from slidechat.evaluation.results_table import fmt, headline_metrics
 
 
 def compare_folders(folders: list[str | Path], names: list[str] | None = None) -> tuple[list[str], dict]:

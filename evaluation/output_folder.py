@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from evaluation.results_table import results_markdown
+from slidechat.evaluation.results_table import results_markdown
 from slidechat.errors import DataError
 from slidechat.utils.io import atomic_path, write_json_atomic, write_text_atomic
 
@@ -29,7 +29,7 @@ def write_predictions(path: str | Path, records: list[dict]) -> None:
 def write_results_folder(out_dir: str | Path, results: dict, records: list[dict] | None = None,
                          plots: bool = True) -> dict[str, Path]:
     """Write results.json, results.md, (predictions.jsonl when ``records`` given) and plots."""
-    from evaluation.plots import write_closed_vqa_plots
+    from slidechat.evaluation.plots import write_closed_vqa_plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

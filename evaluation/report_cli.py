@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Run (or resume) the batch; prints a one-line summary."""
-    from evaluation.batch_report import BatchReportConfig, run_batch
+    from slidechat.evaluation.batch_report import BatchReportConfig, run_batch
 
     cfg = BatchReportConfig(
         inputs=args.inputs, out_dir=args.out, checkpoint=args.checkpoint, device=args.device, prompt=args.prompt,

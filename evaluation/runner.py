@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.benchmark_data import BenchmarkData, load_benchmark
-from evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
-from evaluation.jsonl_log import JsonlLog
-from evaluation.output_folder import PREDICTIONS_JSONL, write_predictions, write_results_folder
-from evaluation.scoring import TextScoreConfig, score_text
-from evaluation.slidebench import format_mcq_prompt
+from slidechat.evaluation.benchmark_data import BenchmarkData, load_benchmark
+from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
+from slidechat.evaluation.jsonl_log import JsonlLog
+from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_predictions, write_results_folder
+from slidechat.evaluation.scoring import TextScoreConfig, score_text
+from slidechat.evaluation.slidebench import format_mcq_prompt
 from slidechat.errors import ConfigError, SlideChatError
 from slidechat.utils.io import read_jsonl, write_json_atomic
 
@@ -115,7 +115,7 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
                                summary_max_new_tokens=cfg.max_new_tokens)
         return {"output": rep.text, "fields": rep.fields}
     if task == "grounding":
-        from evaluation.metrics.grounding import grounding_metrics, load_mask
+        from slidechat.evaluation.metrics.grounding import grounding_metrics, load_mask
 
         truth = data.truth[unit["slide_id"]]
         hm = assistant.chat(enc).heatmap()
@@ -123,7 +123,7 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
                                     load_mask(data.lesion_mask_path(unit["slide_id"])), float(truth["mask_downsample"]))
         if overlays_left[0] > 0 and data.slides.get(unit["slide_id"]):
             try:
-                from evaluation.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
+                from slidechat.evaluation.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
 
                 thumb, size0 = slide_thumbnail(data.slides[unit["slide_id"]], 768)
                 img = heatmap_overlay(thumb, size0, hm, boxes_level0=[truth["lesion"]["bbox_level0"]])
@@ -140,14 +140,14 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
 def _run_retrieval(assistant, data: BenchmarkData, cfg: EvalRunConfig) -> dict:
     """Recall@K slide<->caption and zero-shot dominant tissue; {"skipped": reason} when unsupported."""
     try:
-        from training.retrieval import Retriever
+        from slidechat.training.retrieval import Retriever
 
         retriever = Retriever(assistant)
     except (ImportError, SlideChatError, AttributeError, OSError) as exc:
         return {"skipped": f"checkpoint has no retrieval heads ({exc})", "n": 0}
     import numpy as np
 
-    from evaluation.metrics.retrieval import retrieval_metrics, zero_shot_accuracy
+    from slidechat.evaluation.metrics.retrieval import retrieval_metrics, zero_shot_accuracy
 
     sids = [s for s in data.captions if data.slides.get(s)][: cfg.limit or None]
     slides = [assistant.encode_slide(data.slides[s], cache_dir=cfg.cache_dir) for s in sids]
@@ -194,14 +194,14 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
         scored += [{"task": task, "id": rid, "output": outs.get(rid), "references": refs[rid],
                     **per_item.get(rid, {})} for rid in refs]
     if "reports" in by_task:
-        from evaluation.metrics.report_fields import report_field_accuracy
+        from slidechat.evaluation.metrics.report_fields import report_field_accuracy
 
         pairs = [(r.get("fields") or {}, data.reports[rid]["report"]) for rid, r in by_task["reports"].items()
                  if rid in data.reports and isinstance(data.reports[rid].get("report"), dict)]
         if pairs:
             results["report_fields"] = report_field_accuracy(pairs, cfg.text.numeric_tolerance)
     if "grounding" in by_task:
-        from evaluation.metrics.grounding import summarize_grounding
+        from slidechat.evaluation.metrics.grounding import summarize_grounding
 
         ok = [r for r in by_task["grounding"].values() if r.get("status") == "ok"]
         results["grounding"] = summarize_grounding(ok)

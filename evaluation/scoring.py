@@ -6,8 +6,8 @@ import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
-from evaluation.slidebench import has_gold_columns, load_closed_vqa, load_predictions, read_table
+from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
+from slidechat.evaluation.slidebench import has_gold_columns, load_closed_vqa, load_predictions, read_table
 from slidechat.errors import DataError
 
 TEXT_GOLD_KEYS = {"caption": "captioning", "report_text": "reports", "answer": "open_vqa"}
@@ -66,13 +66,13 @@ def load_predicted_fields(path: str | Path) -> dict[str, dict]:
 
 def score_text(task: str, outputs: dict[str, str], refs: dict[str, list[str]], cfg: TextScoreConfig) -> dict:
     """Caption metrics + MiniLM similarity for one text task."""
-    from evaluation.metrics.captioning import caption_metrics
+    from slidechat.evaluation.metrics.captioning import caption_metrics
 
     scored = caption_metrics(outputs, refs, use_java=cfg.use_java, with_meteor=cfg.with_meteor)
     scored["task"] = task
     scored["missing"] = sorted(k for k in refs if k not in outputs)[:50]
     if cfg.with_embedding and scored.get("n"):
-        from evaluation.metrics.embedding import embedding_similarity
+        from slidechat.evaluation.metrics.embedding import embedding_similarity
 
         emb = embedding_similarity(outputs, refs)
         scored["embedding_similarity"] = emb["embedding_similarity"]
@@ -107,7 +107,7 @@ def score_files(pred: str | Path, gold: str | Path | None, *, bootstrap: Bootstr
     records = [{"task": task, "id": k, "output": outputs.get(k), "references": refs[k], **per_item.get(k, {})}
                for k in refs]
     if true_fields:
-        from evaluation.metrics.report_fields import report_field_accuracy
+        from slidechat.evaluation.metrics.report_fields import report_field_accuracy
 
         pred_fields = load_predicted_fields(pred)
         if pred_fields:

@@ -16,9 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from app.config import AppConfig
-from app.service import ChatService, UploadTooLargeError, safe_filename
-from app.session import SessionBusyError, SessionRegistry
+from slidechat.app.config import AppConfig
+from slidechat.app.service import ChatService, UploadTooLargeError, safe_filename
+from slidechat.app.session import SessionBusyError, SessionRegistry
 from slidechat.errors import ConfigError, MissingMppError, NoTissueError, SlideChatError, SlideReadError
 from slidechat.utils.io import read_jsonl
 
@@ -269,7 +269,7 @@ def _args(module, argv):
 
 
 def test_cli_arguments_and_defaults():
-    from app import cli, demo_cli
+    from slidechat.app import cli, demo_cli
 
     args = _args(cli, [])
     config = cli.config_from_args(args)
@@ -289,7 +289,7 @@ def test_cli_arguments_and_defaults():
 def test_demo_falls_back_to_the_untrained_model_with_a_banner(monkeypatch):
     """Only the start-up logic is under test here: which name is loaded and what the page says."""
     import slidechat
-    from app.server import load_assistant
+    from slidechat.app.server import load_assistant
     from slidechat.errors import CheckpointError
 
     calls = []
@@ -308,7 +308,7 @@ def test_demo_falls_back_to_the_untrained_model_with_a_banner(monkeypatch):
 
 
 def test_example_slides_generated_once(tmp_path):
-    from app.examples import example_slides
+    from slidechat.app.examples import example_slides
 
     first = example_slides(tmp_path, n=1)
     assert len(first) == 1 and all(p.is_file() for p in first.values())
@@ -320,7 +320,7 @@ def test_example_slides_generated_once(tmp_path):
 
 
 def test_build_demo_wires_named_endpoints(service):
-    from app.ui import build_demo
+    from slidechat.app.ui import build_demo
 
     demo = build_demo(service, {})
     names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
@@ -351,7 +351,7 @@ def _serve_cli(argv: list[str], env_cache: Path, timeout: float) -> tuple[str, s
     import subprocess
     import sys
 
-    from app.server import free_port
+    from slidechat.app.server import free_port
 
     port = free_port()
     env = dict(os.environ, SLIDECHAT_CACHE=str(env_cache), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")

@@ -28,8 +28,8 @@ pytestmark = [
 
 def start_app(assistant, cache: Path, examples: dict | None = None, **overrides):
     """Serve the app in this process (Gradio's server thread) on a free local port; returns (url, demo, service)."""
-    from app.config import AppConfig
-    from app.server import start_in_background
+    from slidechat.app.config import AppConfig
+    from slidechat.app.server import start_in_background
 
     settings = dict(cache_dir=cache, port=None, max_new_tokens=16, report_max_new_tokens=4,
                     report_summary_tokens=8, n_examples=0, checkpoint_label="tiny random test model",

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.config import AppConfig
-from app.server import start_in_background
+from slidechat.app.config import AppConfig
+from slidechat.app.server import start_in_background
 from slidechat.utils.io import read_jsonl
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import slidechat
-from evaluation.answer_parser import parse_choice
+from slidechat.evaluation.answer_parser import parse_choice
 from slidechat.inference.api import DEMO_DIR
 from slidechat.prompts import format_mcq
 

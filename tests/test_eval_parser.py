@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.answer_parser import parse_choice
+from slidechat.evaluation.answer_parser import parse_choice
 
 OPTIONS = {"A": "Adenocarcinoma", "B": "Squamous cell carcinoma", "C": "Carcinoma", "D": ""}
 

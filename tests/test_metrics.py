@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics.bootstrap import bootstrap_ci
-from evaluation.metrics.captioning import caption_metrics, java_available, regex_tokenize
-from evaluation.metrics.grounding import grounding_metrics, patch_lesion_fraction, summarize_grounding
-from evaluation.metrics.report_fields import compare_field, report_field_accuracy
-from evaluation.metrics.retrieval import recall_at_k, retrieval_metrics, zero_shot_accuracy
+from slidechat.evaluation.metrics.bootstrap import bootstrap_ci
+from slidechat.evaluation.metrics.captioning import caption_metrics, java_available, regex_tokenize
+from slidechat.evaluation.metrics.grounding import grounding_metrics, patch_lesion_fraction, summarize_grounding
+from slidechat.evaluation.metrics.report_fields import compare_field, report_field_accuracy
+from slidechat.evaluation.metrics.retrieval import recall_at_k, retrieval_metrics, zero_shot_accuracy
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -79,7 +79,7 @@ def test_meteor_runs_and_orders_hypotheses():
 
 
 def test_embedding_similarity_minilm():
-    from evaluation.metrics.embedding import embedding_similarity, minilm_path
+    from slidechat.evaluation.metrics.embedding import embedding_similarity, minilm_path
 
     assert (minilm_path() / "model.safetensors").exists()
     r = embedding_similarity({"a": "tumour cells in the stroma", "b": "adipose tissue"},

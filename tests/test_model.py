@@ -127,7 +127,7 @@ def test_layout_map_tokens_cells_and_position_sensitivity():
 def test_dihedral_augmentation_moves_the_quadrant_with_the_coords():
     """Flips/transposes of the coords: the lesion quadrant target, recomputed from the moved patches, matches."""
     from slidechat.synth.classes import QUADRANTS
-    from training.slide_pretrain import dihedral
+    from slidechat.training.slide_pretrain import dihedral
 
     coords = torch.tensor([[x * 224, y * 224] for y in range(6) for x in range(10)])
     lesion = (coords[:, 0] < 3 * 224) & (coords[:, 1] > 3 * 224)  # lower-left block

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from evaluation.batch_report import BatchReportConfig, collect_jobs, run_batch, shard_jobs
+from slidechat.evaluation.batch_report import BatchReportConfig, collect_jobs, run_batch, shard_jobs
 from slidechat.cli import main
 from slidechat.utils.io import read_jsonl
 
@@ -102,7 +102,7 @@ def test_shards_split_and_merge_via_cli(batch_inputs, tiny_checkpoint_dir, tmp_p
 
 
 def test_shard_from_accelerate_environment(monkeypatch):
-    from evaluation.batch_report import resolve_shard
+    from slidechat.evaluation.batch_report import resolve_shard
     from slidechat.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "3")

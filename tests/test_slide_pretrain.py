@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from slidechat.model.assistant import SlideAssistant
-from training.slide_pretrain import (SlidePretrainConfig, SYNTH_CONCEPT_TARGETS, AttributeHeads, _batch_loss,
+from slidechat.training.slide_pretrain import (SlidePretrainConfig, SYNTH_CONCEPT_TARGETS, AttributeHeads, _batch_loss,
                                      load_slides, pretrain_slide_encoder)
-from training.synth_data import write_grounding_targets
+from slidechat.training.synth_data import write_grounding_targets
 
 CONCEPTS = [{"name": "present_tumor", "words": ["tumour", "absent"]},
             {"name": "fragments", "words": ["1", "2", "3", "4"]},

@@ -11,10 +11,10 @@ import torch
 
 from slidechat.errors import ConfigError
 from slidechat.features.store import write_features_h5
-from training.data import (Collator, FeatureResolver, SkipCounter, SlideConversationDataset, llava_to_sample,
+from slidechat.training.data import (Collator, FeatureResolver, SkipCounter, SlideConversationDataset, llava_to_sample,
                            load_samples, slide_key)
-from training.recipe import load_recipe, recipe_from_dict
-from training.sampler import LengthGroupedBatchSampler
+from slidechat.training.recipe import load_recipe, recipe_from_dict
+from slidechat.training.sampler import LengthGroupedBatchSampler
 
 
 def toy_tokenize(messages):

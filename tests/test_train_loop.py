@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from slidechat.features.store import write_features_h5
-from training.cli import main as train_main
-from training.loop import train_stage
-from training.recipe import load_recipe
-from training.tiny_llm import make_tiny_llm
+from slidechat.training.cli import main as train_main
+from slidechat.training.loop import train_stage
+from slidechat.training.recipe import load_recipe
+from slidechat.training.tiny_llm import make_tiny_llm
 
 CLASSES = ["stroma", "tumour", "fat"]
 
@@ -138,9 +138,9 @@ def test_cli_runs_a_stage_and_reports_bad_recipe(tiny_data, capsys):
 
 def test_fast_forward_matches_the_assistant_loss(tiny_data):
     """The loop's cheaper forward (LM head on labelled positions only) gives the model's own loss and grads."""
-    from training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
-    from training.forward import fast_forward
-    from training.model_hooks import build_model, pad_token_id
+    from slidechat.training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
+    from slidechat.training.forward import fast_forward
+    from slidechat.training.model_hooks import build_model, pad_token_id
 
     root, llm = tiny_data
     r = tiny_recipe(root, llm, "ff", **{"train.train_llm": "lora",

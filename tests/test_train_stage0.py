@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from slidechat.features.store import write_features_h5
-from training.loop import train_stage
-from training.recipe import load_recipe
-from training.tiny_llm import make_tiny_llm
+from slidechat.training.loop import train_stage
+from slidechat.training.recipe import load_recipe
+from slidechat.training.tiny_llm import make_tiny_llm
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def pairs(tmp_path_factory):
 
 def test_stage0_contrastive_trains_and_retrieves(pairs):
     from slidechat.model.assistant import SlideAssistant
-    from training.retrieval import Retriever
+    from slidechat.training.retrieval import Retriever
 
     root, llm = pairs
     src = json.dumps([{"path": str(root / "captions.jsonl"), "kind": "captions"}])

@@ -2,6 +2,6 @@
 
 import sys
 
-from training.cli import main
+from slidechat.training.cli import main
 
 sys.exit(main())

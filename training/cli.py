@@ -26,18 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.recipe import PipelineRecipe, load_recipe
+    from slidechat.training.recipe import PipelineRecipe, load_recipe
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides)
     if isinstance(recipe, PipelineRecipe):
-        from training.pipeline import run_pipeline
+        from slidechat.training.pipeline import run_pipeline
 
         summary = run_pipeline(recipe, resume=args.resume)
     else:
-        from training.loop import train_stage
+        from slidechat.training.loop import train_stage
 
         summary = train_stage(recipe, resume=args.resume, stop_after=args.stop_after)
         summary.pop("model", None)

@@ -128,7 +128,7 @@ def itc_itm_loss(heads: RetrievalHeads, s: torch.Tensor, t: torch.Tensor, itm_we
 
 def _texts_from_sources(recipe) -> list[tuple[str, str]]:
     """(slide key, text) pairs: captions/reports, or the first answer of each instruction conversation."""
-    from training.data import SkipCounter, load_samples
+    from slidechat.training.data import SkipCounter, load_samples
 
     pairs = []
     skips = SkipCounter()
@@ -142,9 +142,9 @@ def _texts_from_sources(recipe) -> list[tuple[str, str]]:
 def train_contrastive_stage(recipe, *, resume: bool = False, stop_after: int | None = None, accelerator=None,
                             model=None) -> dict:
     """Stage 0: ITC + ITM on (slide, text) pairs; saves ``final/`` (+ retrieval heads) and ``metrics.json``."""
-    from training.data import FeatureCache, FeatureResolver
-    from training.loop import seed_everything
-    from training.model_hooks import build_model, configure_trainable
+    from slidechat.training.data import FeatureCache, FeatureResolver
+    from slidechat.training.loop import seed_everything
+    from slidechat.training.model_hooks import build_model, configure_trainable
 
     opts = {"embed_dim": 256, "itm_weight": 1.0, "text_encoder": "minilm", **(recipe.contrastive or {})}
     unknown = set(opts) - {"embed_dim", "itm_weight", "text_encoder"}

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch.nn.functional as F
 
-from training.grounding import grounding_loss, patch_relevance
+from slidechat.training.grounding import grounding_loss, patch_relevance
 
 IGNORE_INDEX = -100
 

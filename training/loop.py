@@ -22,14 +22,14 @@ import torch
 
 from slidechat.errors import ConfigError, DataError
 from slidechat.utils.io import write_json_atomic
-from training import model_hooks
-from training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from training.forward import fast_forward
-from training.grounding import forward_with_grounding
-from training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
-from training.logger import TrainLogger
-from training.recipe import StageRecipe, recipe_to_dict
-from training.sampler import LengthGroupedBatchSampler
+from slidechat.training import model_hooks
+from slidechat.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from slidechat.training.forward import fast_forward
+from slidechat.training.grounding import forward_with_grounding
+from slidechat.training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
+from slidechat.training.logger import TrainLogger
+from slidechat.training.recipe import StageRecipe, recipe_to_dict
+from slidechat.training.sampler import LengthGroupedBatchSampler
 
 log = logging.getLogger("training")
 
@@ -161,7 +161,7 @@ def train_stage(recipe: StageRecipe, *, resume: bool = False, stop_after: int | 
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     is_main = accelerator.is_main_process
     if recipe.stage == 0:
-        from training.contrastive import train_contrastive_stage
+        from slidechat.training.contrastive import train_contrastive_stage
 
         return train_contrastive_stage(recipe, resume=resume, stop_after=stop_after, accelerator=accelerator)
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from slidechat.utils.io import read_jsonl, write_json_atomic
-from training.synth_data import format_mcq
+from slidechat.training.synth_data import format_mcq
 
 log = logging.getLogger("training")
 
 
 def _parse_choice(text: str, options: dict[str, str]) -> str | None:
     try:
-        from evaluation.answer_parser import parse_choice
+        from slidechat.evaluation.answer_parser import parse_choice
     except ImportError:  # evaluation package not installed: first standalone capital letter
         import re
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from slidechat.errors import ConfigError
-from training.recipe import StageRecipe
+from slidechat.training.recipe import StageRecipe
 
 log = logging.getLogger("training")
 

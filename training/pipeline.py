@@ -27,7 +27,7 @@ import torch
 
 from slidechat.errors import ConfigError
 from slidechat.utils.io import write_json_atomic
-from training.recipe import PipelineRecipe, StageRecipe
+from slidechat.training.recipe import PipelineRecipe, StageRecipe
 
 log = logging.getLogger("training")
 
@@ -65,7 +65,7 @@ def prepare_stage(stage: StageRecipe, out: Path, prev_final: Path | None, cnn_pa
 
 def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str] | None = None) -> dict:
     """Run every step of a pipeline recipe; returns a summary (also written to ``<out>/pipeline.json``)."""
-    from training.loop import train_stage
+    from slidechat.training.loop import train_stage
 
     if recipe.threads and not torch.cuda.is_available():
         torch.set_num_threads(recipe.threads)
@@ -97,7 +97,7 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
     cnn_path = out / "patch_cnn.safetensors"
     embed_dim = None
     if recipe.patch_cnn is not None:
-        from training.patch_cnn import PatchCNNTrainConfig, train_patch_cnn
+        from slidechat.training.patch_cnn import PatchCNNTrainConfig, train_patch_cnn
 
         pc = recipe.patch_cnn
         cfg = PatchCNNTrainConfig(patches_per_slide=pc.patches_per_slide, epochs=pc.epochs, batch_size=pc.batch_size,
@@ -127,7 +127,7 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
 
     data_dir = out / "data"
     if recipe.synth is not None:
-        from training.synth_data import build_demo_instructions, write_grounding_targets
+        from slidechat.training.synth_data import build_demo_instructions, write_grounding_targets
 
         counts = build_demo_instructions(synth_dir, data_dir / "instructions.json", **recipe.demo_data)
         n_targets = write_grounding_targets(synth_dir, features_dir, out / "grounding")
@@ -139,8 +139,8 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
         if resume and (prev_final / "config.json").exists():
             log.info("[pipeline] slide pretrain: already done (%s)", prev_final)
         else:
-            from training.model_hooks import build_model
-            from training.slide_pretrain import SlidePretrainConfig, pretrain_slide_encoder
+            from slidechat.training.model_hooks import build_model
+            from slidechat.training.slide_pretrain import SlidePretrainConfig, pretrain_slide_encoder
 
             first = prepare_stage(recipe.stages[0], out, None, cnn_path if cnn_path.exists() else None, embed_dim,
                                   recipe.extract)
@@ -179,7 +179,7 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str
     write_json_atomic(summary_path, summary)
 
     if recipe.evaluate and prev_final is not None:
-        from training.measure import measure_checkpoint
+        from slidechat.training.measure import measure_checkpoint
 
         ev = dict(recipe.evaluate)
         res = measure_checkpoint(Path(recipe.export or prev_final), out / "eval", **ev)

@@ -1,6 +1,6 @@
 """Slide<->text retrieval and zero-shot classification for checkpoints trained with stage 0.
 
-    from training.retrieval import Retriever
+    from slidechat.training.retrieval import Retriever
     r = Retriever(assistant)                      # reads retrieval.safetensors/json from the checkpoint folder
     r.retrieve("a slide with a tumour focus", slides, top_k=5)  -> [(index, score), ...]
     r.zero_shot(slide, ["fat", "tumour", "necrosis"])          -> {label: probability}
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from slidechat.errors import CheckpointError
-from training.contrastive import RETRIEVAL_CONFIG, RETRIEVAL_WEIGHTS, RetrievalHeads, TextEncoder
+from slidechat.training.contrastive import RETRIEVAL_CONFIG, RETRIEVAL_WEIGHTS, RetrievalHeads, TextEncoder
 
 
 class Retriever:

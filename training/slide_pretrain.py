@@ -23,7 +23,7 @@ from torch import nn
 
 from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
-from training.grounding import grounding_loss, patch_relevance
+from slidechat.training.grounding import grounding_loss, patch_relevance
 
 log = logging.getLogger("training")
 

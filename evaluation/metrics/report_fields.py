@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from evaluation.answer_parser import normalize_text
+from slidechat.evaluation.answer_parser import normalize_text
 
 _TRUE = {"yes", "true", "present", "1", "positive"}
 _FALSE = {"no", "false", "absent", "0", "negative", "none", "not present"}

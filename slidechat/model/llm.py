@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,20 @@ from slidechat.errors import CheckpointError, ConfigError, DependencyError
 from slidechat.model.config import LLMConfig
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def quiet_loading():
+    """No per-tensor progress bars from transformers while a model loads (our own progress says what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 # alias -> (python package holding the GGUF, file name); located without importing the package.
 GGUF_ALIASES: dict[str, tuple[str, str]] = {
@@ -82,9 +98,10 @@ def convert_gguf_to_hf(name: str, out_dir: Path | None = None) -> Path:
     if (out_dir / "config.json").exists():
         return out_dir
     log.info("converting %s to an HF folder at %s (one time)", fname, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -97,7 +114,8 @@ def convert_gguf_to_hf(name: str, out_dir: Path | None = None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
+        with quiet_loading():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any HF cache
         if (out_dir / "config.json").exists():  # another process finished first
@@ -215,7 +233,8 @@ def load_llm(config: LLMConfig, device: str | torch.device = "cpu", base_dir: Pa
     if bnb is not None:
         kwargs.update(quantization_config=bnb, device_map={"": str(device)})
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise CheckpointError(f"cannot load the LLM {source}: {exc}") from exc
     if bnb is None:
@@ -233,6 +252,13 @@ def load_llm(config: LLMConfig, device: str | torch.device = "cpu", base_dir: Pa
 
 def apply_lora(model, config: LLMConfig, adapter_dir: Path | None = None, quantized: bool = False):
     """Wrap ``model`` with a peft LoRA (fresh, or loaded from ``adapter_dir``); only adapter weights train."""
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs, not the user's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _apply_lora(model, config, adapter_dir, quantized)
+
+
+def _apply_lora(model, config: LLMConfig, adapter_dir: Path | None, quantized: bool):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if quantized:
