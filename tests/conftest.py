@@ -16,6 +16,25 @@ DATA_DIR = Path(__file__).parent / "data"
 TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """Two torch threads (this machine's cores) for the whole session, set once the session starts."""
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def single_torch_thread():
+    """One torch thread for tests of many tiny ops, where a second OpenMP thread only spin-waits."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def cmu_slide() -> Path:
     """A real Aperio SVS region (CMU-1, 2220x2967, mpp 0.499, one level, JPEG tiles)."""
@@ -38,7 +57,7 @@ def synth_dataset(tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- model (issue 4): a tiny random LLM for tests
+# ---------------------------------------------------------------- model: a tiny random LLM for tests
 TINY_CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -12,7 +12,6 @@ import torch
 from slidechat.cli import main
 from slidechat.utils.io import read_jsonl
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

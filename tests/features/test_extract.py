@@ -4,7 +4,6 @@
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from slidechat.cli import main
 from slidechat.encoders import load_encoder
@@ -13,7 +12,6 @@ from slidechat.features.extract import expand_slide_inputs, extract_many, extrac
 from slidechat.features.store import REQUIRED_ATTRS, is_complete_features_h5, load_features
 from slidechat.utils.io import read_jsonl, sha256_file
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from slidechat.evaluation.batch_report import BatchReportConfig, collect_jobs, run_batch, shard_jobs
 from slidechat.cli import main
 from slidechat.utils.io import read_jsonl
 
-torch.set_num_threads(2)
 
 
 class Interrupt(KeyboardInterrupt):

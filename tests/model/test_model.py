@@ -18,7 +18,7 @@ from slidechat.model.config import LLMConfig, SlideAssistantConfig
 from slidechat.model.qformer import QFormerProjector, chunked_attention
 from slidechat.model.slide_encoder import patch_grid_from_coords, segment_softmax
 
-torch.set_num_threads(1)  # the 2 shared cores are oversubscribed; 1 thread avoids OpenMP spin-waits
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _grid_coords(n: int, width: int, step: int = 224, seed: int = 0) -> torch.Tensor:

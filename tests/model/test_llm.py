@@ -17,7 +17,7 @@ from slidechat.features.store import SlideFeatures
 from slidechat.model import SlideAssistant
 from slidechat.model.llm import GGUF_ALIASES, convert_gguf_to_hf, resolve_gguf
 
-torch.set_num_threads(1)  # the 2 shared cores are oversubscribed; 1 thread avoids OpenMP spin-waits
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="session")

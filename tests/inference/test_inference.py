@@ -15,7 +15,7 @@ from slidechat.inference.conversation import Conversation
 from slidechat.inference.report import parse_answers, parse_location, parse_percent, parse_yes_no
 from slidechat.model import SlideAssistant
 
-torch.set_num_threads(1)  # the 2 shared cores are oversubscribed; 1 thread avoids OpenMP spin-waits
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _features(n: int, dim: int = 32, coords: bool = True, seed: int = 0) -> SlideFeatures:

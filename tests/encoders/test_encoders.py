@@ -10,7 +10,6 @@ from slidechat.encoders import load_encoder
 from slidechat.encoders.demo_cnn import DemoCNN, DemoCNNConfig, save_demo_cnn
 from slidechat.errors import CheckpointError, ConfigError
 
-torch.set_num_threads(2)
 
 TINY_COCA = {
     "embed_dim": 32,
