@@ -10,7 +10,7 @@ prefill + first decode step). Turn 2 TTFT = the next question in the same conver
 in a fresh subprocess (min of ``--repeats`` runs) so ``ru_maxrss`` (CPU) / ``max_memory_allocated`` (CUDA) is its own peak; the LLM's resident
 size is measured once (N = 0 case) and reported so increments can be compared.
 
-Ratios in one run (targets from issue 4): ttft(b)/ttft(a) at 10k (>= 10), ttft(a, 50k)/ttft(a, 1k) (<= 1.5),
+Ratios in one run (targets): ttft(b)/ttft(a) at 10k (>= 10), ttft(a, 50k)/ttft(a, 1k) (<= 1.5),
 turn-2/turn-1 TTFT (<= 0.2). The baseline grows quadratically in N in the LLM; cases over ``--linear-max-n`` are
 not run (on a 2-core CPU a 50k-token prefill of SmolLM2 takes hours) and the table says so.
 

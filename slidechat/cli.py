@@ -30,12 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _load(name: str):
     module_name, _ = COMMANDS[name]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            return None  # not built yet
-        raise
+    return importlib.import_module(module_name)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -45,9 +40,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == only:
-            module = _load(name)
-            if module is not None:
-                module.add_arguments(p)
+            _load(name).add_arguments(p)
     return parser
 
 
@@ -65,9 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(args.command)
-    if module is None:
-        print(f"slidechat {args.command}: not implemented yet", file=sys.stderr)
-        return 2
     try:
         return int(module.run(args) or 0)
     except SlideChatError as exc:

@@ -123,7 +123,7 @@ def tiny_model_config(tiny_llm_dir):
     return make
 
 
-# ---------------------------------------------------------------- app (issue 7): a tiny assistant that reads slide files
+# ---------------------------------------------------------------- app: a tiny assistant that reads slide files
 @pytest.fixture(scope="session")
 def tiny_slide_assistant(tiny_llm_dir):
     """A tiny random SlideAssistant with the demo-CNN patch encoder (random weights when none are packaged),
@@ -138,7 +138,7 @@ def tiny_slide_assistant(tiny_llm_dir):
     return SlideAssistant(config, device="cpu")
 
 
-# ---------------------------------------------------------------- evaluation (issue 6): a tiny checkpoint folder on disk
+# ---------------------------------------------------------------- evaluation: a tiny checkpoint folder on disk
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tiny_llm_dir, tmp_path_factory) -> Path:
     """A saved tiny random checkpoint (demo-CNN patch encoder at 2 µm/px, tiny Q-Former, tiny LLM) that
