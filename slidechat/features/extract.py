@@ -1,4 +1,4 @@
-"""Slide -> features: tissue detection, tiling, batched reading in worker processes, encoding, .h5 output."""
+"""Slide -> features: tissue detection, tiling, batched reading (threads or worker processes), encoding, .h5 output."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import torch
 
 from slidechat.encoders.base import PatchEncoder
 from slidechat.errors import SlideChatError, SlideReadError
-from slidechat.features.store import is_complete_features_h5, write_features_h5
+from slidechat.features.store import SlideFeatures, is_complete_features_h5, write_features_h5
+from slidechat.slide.config import ExtractionConfig
 from slidechat.slide.reader import SlideReader
-from slidechat.slide.tiling import PatchBlockDataset, make_tile_grid, patch_loader
-from slidechat.slide.tissue import detect_tissue
+from slidechat.slide.tiling import PatchBlockDataset, TileGrid, grid_shape, make_tile_grid, patch_loader
+from slidechat.slide.tissue import TissueMask, detect_tissue
 from slidechat.utils.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ExtractSummary:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, one-line reason)
+    results: list["ExtractionResult"] = field(default_factory=list)  # one per written slide
     n_patches: int = 0
     seconds: float = 0.0
 
@@ -95,7 +97,8 @@ def _paths_from_csv(path: Path) -> list[Path]:
     return [Path(r) if Path(r).is_absolute() else (path.parent / r) for r in rows]
 
 
-def _attrs(slide_path: Path, reader: SlideReader, encoder: PatchEncoder, grid, sha: str, threshold) -> dict:
+def _attrs(slide_path: Path, reader: SlideReader, encoder: PatchEncoder, grid: TileGrid, sha: str,
+           tissue: TissueMask, config: ExtractionConfig) -> dict:
     return {
         "patch_size": grid.patch_size,
         "patch_size_level0": grid.patch_size_level0,
@@ -111,109 +114,170 @@ def _attrs(slide_path: Path, reader: SlideReader, encoder: PatchEncoder, grid, s
         "slide_height": reader.dimensions[1],
         "read_level": grid.level,
         "level0_magnification": reader.magnification or 0.0,
-        "tissue_threshold": float(threshold),
+        "tissue_threshold": float(tissue.threshold),
+        "tissue_method": config.tissue.method,
+        "min_tissue": float(config.tissue.min_tissue),
         "patch_level": 0,
     }
+
+
+@dataclass
+class ExtractionResult:
+    """What one extraction produced: the .h5 path, the features and coords written to it, the slide's
+    sha256, the tissue mask and the patch grid (so no caller reads or hashes the slide again).
+
+    ``os.fspath(result)`` is the .h5 path.
+    """
+
+    h5_path: Path
+    slide_path: Path
+    sha256: str
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict
+    tissue: TissueMask
+    grid: TileGrid
+    config: ExtractionConfig
+    seconds: float = 0.0
+
+    def __fspath__(self) -> str:
+        return str(self.h5_path)
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs["slide_id"])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.features.shape[0])
+
+    def as_slide_features(self) -> SlideFeatures:
+        """The written features as ``SlideFeatures`` (same arrays, no re-read of the .h5)."""
+        return SlideFeatures(features=self.features, coords=self.coords, attrs=dict(self.attrs), path=self.h5_path)
+
+
+_LEGACY_KEYWORDS = {"target_mpp", "patch_size", "batch_size", "num_workers", "mpp", "reader_mode", "tissue_threshold"}
+
+
+def _resolve_config(config: ExtractionConfig | None, legacy: dict) -> ExtractionConfig:
+    """``config`` with any separate keyword settings applied (the keyword form predates ExtractionConfig)."""
+    unknown = set(legacy) - _LEGACY_KEYWORDS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    config = config or ExtractionConfig()
+    return config.replace(**legacy) if legacy else config
 
 
 def extract_slide(
     slide_path: str | os.PathLike,
     encoder: PatchEncoder,
     out_path: str | os.PathLike,
+    config: ExtractionConfig | None = None,
     *,
-    target_mpp: float = 0.5,
-    patch_size: int = 224,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    mpp: float | None = None,
-    tissue_threshold: float | None = None,
+    sha256: str | None = None,
+    tissue: TissueMask | None = None,
     progress: Progress | None = None,
-    reader_mode: str = "processes",
-) -> Path:
-    """Tile ``slide_path`` over tissue at ``target_mpp``, encode every patch, write the .h5 atomically.
+    **legacy,
+) -> ExtractionResult:
+    """Tile ``slide_path`` over tissue as ``config`` says, encode every patch, write the .h5 atomically.
 
-    Patches are read by ``num_workers`` DataLoader worker processes (``reader_mode="threads"``: a thread
-    pool in this process instead, which avoids moving patches between processes)."""
+    ``sha256`` (the slide file's, when the caller already has it) and ``tissue`` (a mask already detected
+    on this slide) are used as given instead of being computed again.
+    """
+    config = _resolve_config(config, legacy)
     slide_path = Path(slide_path)
     progress = progress or (lambda stage, done, total: None)
-    with SlideReader(slide_path, mpp=mpp) as reader:
-        _ = reader.mpp  # MissingMppError before any work
+    start = time.perf_counter()
+    with SlideReader(slide_path, mpp=config.mpp) as reader:
+        grid_shape(reader, config.target_mpp, config.patch_size)  # mpp and grid-size errors before any work
         progress("tissue", 0, 1)
-        tissue = detect_tissue(reader, threshold=tissue_threshold)
+        if tissue is None:
+            tissue = detect_tissue(reader, config=config.tissue)
         progress("tissue", 1, 1)
-        grid = make_tile_grid(reader, tissue, target_mpp=target_mpp, patch_size=patch_size)
+        grid = make_tile_grid(reader, tissue, config.target_mpp, config.patch_size,
+                              min_tissue=config.tissue.min_tissue, keep_best=config.tissue.keep_best)
         progress("tiling", 1, 1)
-        n = len(grid)
-        dataset = PatchBlockDataset(slide_path, grid, mpp=mpp)
-        features = np.zeros((n, encoder.embed_dim), dtype=np.float32)
-        done = 0
-        pending_idx: list[torch.Tensor] = []
-        pending: list[torch.Tensor] = []
+        features = _encode_grid(slide_path, grid, encoder, config, progress)
+        sha = sha256 or sha256_file(slide_path)
+        attrs = _attrs(slide_path, reader, encoder, grid, sha, tissue, config)
+    h5 = write_features_h5(out_path, features, grid.coords, attrs)
+    return ExtractionResult(h5_path=h5, slide_path=slide_path, sha256=sha, features=features, coords=grid.coords,
+                            attrs=attrs, tissue=tissue, grid=grid, config=config,
+                            seconds=time.perf_counter() - start)
+
+
+def _encode_grid(slide_path: Path, grid: TileGrid, encoder: PatchEncoder, config: ExtractionConfig,
+                 progress: Progress) -> np.ndarray:
+    """Features [N, D] of every grid patch: blocks read by the configured readers, encoded in batches."""
+    n, batch_size = len(grid), config.batch_size
+    dataset = PatchBlockDataset(slide_path, grid, mpp=config.mpp)
+    features = np.zeros((n, encoder.embed_dim), dtype=np.float32)
+    done = 0
+    pending_idx: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    n_pending = 0
+
+    def flush() -> None:
+        nonlocal done, n_pending
+        if not pending:
+            return
+        idx = torch.cat(pending_idx)
+        batch = torch.cat(pending)
+        pending_idx.clear()
+        pending.clear()
         n_pending = 0
+        for s in range(0, len(idx), batch_size):
+            emb = encoder(encoder.transform_batch(batch[s : s + batch_size]))
+            features[idx[s : s + batch_size].numpy()] = emb.cpu().numpy()
+        done += len(idx)
+        progress("encoding", done, n)
 
-        def flush() -> None:
-            nonlocal done, n_pending
-            if not pending:
-                return
-            idx = torch.cat(pending_idx)
-            batch = torch.cat(pending)
-            pending_idx.clear()
-            pending.clear()
-            n_pending = 0
-            for s in range(0, len(idx), batch_size):
-                emb = encoder(encoder.transform_batch(batch[s : s + batch_size]))
-                features[idx[s : s + batch_size].numpy()] = emb.cpu().numpy()
-            done += len(idx)
-            progress("encoding", done, n)
-
-        progress("encoding", 0, n)
-        try:
-            for idx, patches in patch_loader(dataset, num_workers=num_workers, mode=reader_mode):
-                pending_idx.append(idx)
-                pending.append(patches)
-                n_pending += len(idx)
-                if n_pending >= batch_size:
-                    flush()
-            flush()
-        except Exception as exc:  # errors from DataLoader workers arrive wrapped with a traceback
-            raise SlideReadError(f"{slide_path}: failed while reading patches ({_last_line(exc)})") from exc
-        if done != n:
-            raise SlideReadError(f"{slide_path}: read {done} of {n} patches")
-        attrs = _attrs(slide_path, reader, encoder, grid, sha256_file(slide_path), tissue.threshold)
-    return write_features_h5(out_path, features, grid.coords, attrs)
+    progress("encoding", 0, n)
+    try:
+        for idx, patches in patch_loader(dataset, num_workers=config.num_workers, mode=config.reader_mode):
+            pending_idx.append(idx)
+            pending.append(patches)
+            n_pending += len(idx)
+            if n_pending >= batch_size:
+                flush()
+        flush()
+    except SlideChatError:
+        raise
+    except Exception as exc:  # errors from DataLoader workers arrive wrapped with a traceback
+        raise SlideReadError(f"{slide_path}: failed while reading patches ({_last_line(exc)})") from exc
+    finally:
+        dataset.close()
+    if done != n:
+        raise SlideReadError(f"{slide_path}: read {done} of {n} patches")
+    return features
 
 
 def extract_many(
     inputs: Iterable[str | os.PathLike],
     encoder: PatchEncoder,
     out_dir: str | os.PathLike,
+    config: ExtractionConfig | None = None,
     *,
     resume: bool = True,
-    target_mpp: float = 0.5,
-    patch_size: int = 224,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    mpp: float | None = None,
-    tissue_threshold: float | None = None,
     progress: Progress | None = None,
     on_slide: Callable[[Path, str, str], None] | None = None,
-    reader_mode: str = "processes",
+    **legacy,
 ) -> ExtractSummary:
     """Extract every slide in ``inputs`` into ``out_dir/<slide_id>.h5``; bad slides are recorded, not fatal.
 
     ``on_slide(path, status, message)`` is called per slide with status "ok", "skipped" or "failed".
     """
+    config = _resolve_config(config, legacy)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = ExtractSummary()
     on_slide = on_slide or (lambda p, s, m: None)
     empty: list[str] = []
-    slides = expand_slide_inputs([str(i) for i in inputs], on_empty=empty.append)
+    slides = expand_slide_inputs([str(i) for i in inputs], on_empty=empty.append)  # out_dir is made by the first write
     for item in empty:
         summary.failed.append((item, f"{item}: no slides found there"))
         on_slide(Path(item), "failed", f"{item}: no slides found there")
     start = time.perf_counter()
-    expected = {"encoder": encoder.name, "patch_size": patch_size, "target_mpp": float(target_mpp)}
+    expected = {"encoder": encoder.name, "patch_size": config.patch_size, "target_mpp": float(config.target_mpp)}
     for slide in slides:
         out_path = out_dir / f"{slide_id_of(slide)}.h5"
         if resume and is_complete_features_h5(out_path, expected):
@@ -221,17 +285,15 @@ def extract_many(
             on_slide(slide, "skipped", f"{out_path} already complete")
             continue
         try:
-            extract_slide(slide, encoder, out_path, target_mpp=target_mpp, patch_size=patch_size,
-                          batch_size=batch_size, num_workers=num_workers, mpp=mpp,
-                          tissue_threshold=tissue_threshold, progress=progress, reader_mode=reader_mode)
+            result = extract_slide(slide, encoder, out_path, config, progress=progress)
         except SlideChatError as exc:
             summary.failed.append((str(slide), str(exc)))
             on_slide(slide, "failed", str(exc))
             continue
-        n = int(_count(out_path))
         summary.written.append(out_path)
-        summary.n_patches += n
-        on_slide(slide, "ok", f"{out_path} ({n} patches)")
+        summary.results.append(result)
+        summary.n_patches += result.num_patches
+        on_slide(slide, "ok", f"{out_path} ({result.num_patches} patches)")
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -245,10 +307,3 @@ def _last_line(exc: BaseException) -> str:
     for prefix in ("slidechat.errors.SlideReadError: ", "SlideReadError: "):
         text = text.removeprefix(prefix)
     return text[:300]
-
-
-def _count(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as fh:
-        return int(fh["features"].shape[0])

@@ -10,6 +10,7 @@ patches by a reshape. There is no per-patch read_region anywhere on this path.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -17,11 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from slidechat.errors import NoTissueError
+from slidechat.errors import ConfigError, NoTissueError
+from slidechat.slide.config import DEFAULT_MIN_TISSUE, DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP
 from slidechat.slide.reader import SlideReader
 from slidechat.slide.tissue import TissueMask
 
+log = logging.getLogger(__name__)
+
 MAX_BLOCK_PX = 4096
+# A grid holds coords, indices and a tissue fraction per cell (~40 B) and features per kept patch:
+# 4M cells is ~30x the grid of a 40x TCGA slide at 0.5 µm/px and still fits a laptop.
+MAX_GRID_CELLS = 4_000_000
 
 
 @dataclass
@@ -58,18 +65,36 @@ def choose_block_cells(patch_level: int, tile: int) -> int:
     return max(1, 1792 // max(1, patch_level))
 
 
+def grid_shape(reader: SlideReader, target_mpp: float, patch_size: int) -> tuple[int, int, int]:
+    """(level-0 px per patch, columns, rows) of the full patch grid; ConfigError when it would exceed
+    MAX_GRID_CELLS (checked from the slide's size and mpp alone, before any pixel is read)."""
+    patch0 = max(1, int(round(patch_size * target_mpp / reader.mpp)))
+    w0, h0 = reader.dimensions
+    cols, rows = w0 // patch0, h0 // patch0
+    if cols * rows > MAX_GRID_CELLS:
+        raise ConfigError(
+            f"{reader.path}: --target-mpp {target_mpp:g} with --patch-size {patch_size} tiles this {w0} x {h0} px "
+            f"slide ({reader.mpp:g} µm/px) into {cols * rows:,} patches, more than the {MAX_GRID_CELLS:,} "
+            "one run may hold in memory; use a larger --target-mpp or --patch-size"
+        )
+    return patch0, cols, rows
+
+
 def make_tile_grid(
-    reader: SlideReader, tissue: TissueMask, target_mpp: float = 0.5, patch_size: int = 224,
-    min_tissue: float = 0.25,
+    reader: SlideReader, tissue: TissueMask, target_mpp: float = DEFAULT_TARGET_MPP,
+    patch_size: int = DEFAULT_PATCH_SIZE, min_tissue: float = DEFAULT_MIN_TISSUE, keep_best: bool = True,
 ) -> TileGrid:
-    """Grid of ``patch_size`` px patches at ``target_mpp`` whose tissue fraction is >= ``min_tissue``."""
+    """Grid of ``patch_size`` px patches at ``target_mpp`` whose tissue fraction is >= ``min_tissue``.
+
+    When tissue exists but no patch reaches ``min_tissue`` and ``keep_best`` is set, the best-covered
+    patches are kept instead (every patch with at least half the best patch's fraction), with a log line.
+    """
     mpp = reader.mpp
-    patch0 = max(1, int(round(patch_size * target_mpp / mpp)))
+    patch0, cols, rows = grid_shape(reader, target_mpp, patch_size)
     level = reader.best_level_for_downsample(patch0 / patch_size)
     ds = reader.level_downsamples[level]
     patch_level = max(1, int(round(patch0 / ds)))
     w0, h0 = reader.dimensions
-    cols, rows = w0 // patch0, h0 // patch0
     if cols == 0 or rows == 0:
         raise NoTissueError(f"{reader.path}: slide ({w0}x{h0} px) is smaller than one {patch0}-px patch")
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
@@ -78,10 +103,16 @@ def make_tile_grid(
     frac = tissue.fraction_in_boxes(xy, patch0)
     keep = frac >= min_tissue
     if not keep.any():
-        raise NoTissueError(
-            f"{reader.path}: tissue found but no {patch_size}-px patch at {target_mpp} mpp is >= "
-            f"{min_tissue:.0%} tissue; lower --tissue-threshold or use a smaller --patch-size"
-        )
+        best = float(frac.max()) if frac.size else 0.0
+        if not keep_best or best <= 0.0:
+            raise NoTissueError(
+                f"{reader.path}: tissue found but no {patch_size}-px patch at {target_mpp:g} mpp is >= "
+                f"{min_tissue:.0%} tissue; lower --min-tissue or use a smaller --patch-size"
+            )
+        keep = frac >= best / 2
+        log.info("%s: no %d-px patch at %g mpp is >= %.0f%% tissue; keeping the %d best-covered patches "
+                 "(>= %.1f%% tissue)", reader.path.name, patch_size, target_mpp, 100 * min_tissue,
+                 int(keep.sum()), 100 * best / 2)
     # the block must also stay tile-aligned in level-0 terms: level px per block = k * patch_level
     k = choose_block_cells(patch_level, reader.level_tile_size(level)[0])
     return TileGrid(

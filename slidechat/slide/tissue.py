@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from slidechat.errors import NoTissueError
+from slidechat.slide.config import TissueConfig
 
 # Glass has saturation ~0.0-0.05; below this floor nothing counts as tissue even if Otsu says so.
 MIN_SATURATION = 0.07
@@ -53,16 +54,20 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 def detect_tissue(
     reader,
     threshold: float | None = None,
-    thumbnail_size: int = 1024,
+    thumbnail_size: int | None = None,
     min_object_fraction: float = 0.0005,
     closing_radius: int = 2,
+    *,
+    config: TissueConfig | None = None,
 ) -> TissueMask:
-    """Find tissue on ``reader``'s thumbnail. ``threshold`` (saturation, 0-1) overrides Otsu.
-
-    Raises NoTissueError when nothing is found.
+    """Find tissue on ``reader``'s thumbnail as ``config`` says; ``threshold`` / ``thumbnail_size`` given here
+    override the config's. Raises NoTissueError when nothing is found.
     """
     from skimage import filters, measure, morphology
 
+    config = config or TissueConfig()
+    threshold = config.threshold if threshold is None else threshold
+    thumbnail_size = thumbnail_size or config.thumbnail_size
     thumb = np.asarray(reader.thumbnail(thumbnail_size).convert("RGB"))
     sat = saturation(thumb)
     value = thumb.max(axis=-1)
