@@ -53,13 +53,18 @@ def relevance_to_patches(relevance: torch.Tensor, encoding) -> np.ndarray:
     return per_patch.numpy()
 
 
+def _attended_ids(conv) -> list[int]:
+    """The token ids the LLM has read so far; before the first question, the prompt of a slide-only turn."""
+    if SLIDE_TOKEN_ID in conv._fed:
+        return conv._fed
+    return conv.prompt_ids([{"role": "user", "content": ""}])
+
+
 @torch.no_grad()
 def llm_attention_to_slide(conv) -> torch.Tensor:
     """Mean attention (over layers, heads and the text tokens after the slide) of the LLM to each slide position."""
     a = conv.assistant
-    fed = conv._fed
-    if SLIDE_TOKEN_ID not in fed:
-        raise SlideChatError("ask a question first: the heatmap weighting needs the LLM's attention")
+    fed = _attended_ids(conv)
     start = fed.index(SLIDE_TOKEN_ID)
     t = int(conv.state.tokens.shape[0])
     embeds = conv._embed(fed, 0, fed)[None]
@@ -75,6 +80,17 @@ def llm_attention_to_slide(conv) -> torch.Tensor:
     return att[start + t :, start : start + t].mean(0).cpu()
 
 
+def query_weights(token_attention: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Weights over the K queries from the LLM's attention to the projector's T output tokens.
+
+    With concept tokens (T = C + K, concepts first) each concept token is made from all K queries, so its
+    attention is shared evenly among them. Returns K weights summing to 1.
+    """
+    concepts = token_attention.shape[0] - num_queries
+    w = token_attention[concepts:] + token_attention[:concepts].sum() / num_queries
+    return w / w.sum().clamp_min(1e-12)
+
+
 def conversation_heatmap(conv, weighting: str = "uniform") -> Heatmap:
     """The heatmap of a conversation's slide (``weighting``: "uniform" over queries, or "llm")."""
     if weighting not in ("uniform", "llm"):
@@ -84,8 +100,7 @@ def conversation_heatmap(conv, weighting: str = "uniform") -> Heatmap:
     if st.cross_attention is not None:
         maps = st.cross_attention.mean(dim=0)  # [K, L]
         if weighting == "llm":
-            w = llm_attention_to_slide(conv)
-            w = w / w.sum().clamp_min(1e-12)
+            w = query_weights(llm_attention_to_slide(conv), maps.shape[0])
         else:
             w = torch.full((maps.shape[0],), 1.0 / maps.shape[0])
         scores = relevance_to_patches(w @ maps, enc)

@@ -36,3 +36,25 @@ def test_demo_checkpoint_loads_encodes_answers_in_format_and_points(synth_datase
     assert heat.scores.shape == (slide.features.num_patches,)
     assert np.isclose(heat.scores.max(), 1.0) and heat.scores.min() >= 0.0
     assert heat.scores.std() > 0.01  # a trained Q-Former attends to some patches more than to others
+
+
+def test_demo_checkpoint_three_turns_heatmaps_and_report(synth_dataset, tmp_path):
+    """The shipped checkpoint (12 concept tokens before 16 query tokens) through the user path: every heatmap
+    weighting before the first question and after each of three turns, then the report."""
+    assistant = slidechat.load("demo", device="cpu")
+    assert assistant.num_slide_tokens == 12 + 16
+    slide = assistant.encode_slide(next((synth_dataset / "slides").glob("*.tiff")), cache_dir=tmp_path / "cache")
+    conv = assistant.chat(slide)
+    n = slide.num_patches
+    for weighting in ("uniform", "llm"):
+        heat = conv.heatmap(weighting=weighting)
+        assert heat.scores.shape == (n,) and np.isclose(heat.scores.max(), 1.0)
+    for question in ("Which tissue types are present in this slide?", "Describe this slide.",
+                     "Is there tumour? Where?"):
+        assert conv.ask(question, max_new_tokens=24).strip()
+        maps = {w: conv.heatmap(weighting=w) for w in ("uniform", "llm")}
+        for heat in maps.values():
+            assert heat.scores.shape == (n,) and heat.scores.min() >= 0.0 and np.isclose(heat.scores.max(), 1.0)
+        assert not np.allclose(maps["uniform"].scores, maps["llm"].scores)  # the LLM's attention re-weights queries
+    report = assistant.report(slide, max_new_tokens=24, summary_max_new_tokens=32)
+    assert report.fields["tissue_types"] and report.to_markdown().startswith("## ")

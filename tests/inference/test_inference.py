@@ -261,3 +261,19 @@ def test_checkpoint_embeds_patch_encoder_weights(tiny_model_config, tmp_path):
     from slidechat.inference.encode import encoder_cache_key
 
     assert encoder_cache_key(loaded) == encoder_cache_key(model)  # same weights -> same feature cache
+
+
+@pytest.mark.parametrize("projector,concepts", [("qformer", False), ("qformer", True), ("linear", False)])
+def test_every_heatmap_weighting_for_every_projector_at_every_turn(tiny_model_config, projector, concepts):
+    cfg = tiny_model_config(projector=projector)
+    if concepts:
+        cfg.qformer.concepts = [{"name": "lesion", "words": ["tumour", "necrosis", "absent"]},
+                                {"name": "count", "words": ["1", "2"]}]
+    torch.manual_seed(0)
+    model = SlideAssistant(cfg, device="cpu")
+    conv = model.chat(_features(60))
+    for turn in range(3):
+        for weighting in ("uniform", "llm"):
+            heat = conv.heatmap(weighting=weighting)
+            assert heat.scores.shape == (60,) and heat.scores.max() == 1.0 and heat.scores.min() >= 0.0
+        conv.ask(QUESTIONS[turn], max_new_tokens=3)
