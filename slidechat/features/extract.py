@@ -56,19 +56,47 @@ def slide_id_of(path: str | os.PathLike) -> str:
     return Path(path).name.rsplit(".", 1)[0] if "." in Path(path).name else Path(path).name
 
 
+_ANNOUNCED: set[Path] = set()  # dataset folders whose slides/ subfolder was already named to the user
+
+
+def _slide_files(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
+
+
+def _slides_in_folder(folder: Path) -> list[Path]:
+    """Slide files in ``folder``; a folder without any whose ``slides/`` subfolder has them (the layout
+    ``slidechat synth`` writes) gives those."""
+    found = _slide_files(folder)
+    if not found and (folder / "slides").is_dir():
+        found = _slide_files(folder / "slides")
+        if found and folder not in _ANNOUNCED:
+            _ANNOUNCED.add(folder)
+            log.info("%s: using the %d slides in %s", folder, len(found), folder / "slides")
+    return found
+
+
+def _subfolders_with_slides(folder: Path, limit: int = 3) -> list[Path]:
+    return [d for d in sorted(folder.iterdir()) if d.is_dir() and _slide_files(d)][:limit]
+
+
 def expand_slide_inputs(inputs: Iterable[str], on_empty: Callable[[str], None] | None = None) -> list[Path]:
-    """Files, folders (slide files inside), globs, or CSVs with a ``slide_path`` column -> slide paths.
+    """Files, folders (slide files inside, or in their ``slides/``), globs, or CSVs with a ``slide_path``
+    column -> slide paths.
 
     A named file is kept even when it does not exist (it is reported as a failed slide later).
-    Folders/globs/CSVs that yield nothing are passed to ``on_empty``; an empty overall result raises.
+    Folders/globs/CSVs that yield nothing are passed to ``on_empty``; an empty overall result raises, naming
+    subfolders that do hold slides.
     """
     out: list[Path] = []
     inputs = list(inputs)
+    hints: list[Path] = []
     for item in inputs:
         p = Path(item)
         found: list[Path]
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
+            found = _slides_in_folder(p)
+            if not found:
+                hints += _subfolders_with_slides(p)
         elif p.suffix.lower() == ".csv" and p.is_file():
             found = _paths_from_csv(p)
         elif not p.exists() and glob.has_magic(item):
@@ -81,9 +109,10 @@ def expand_slide_inputs(inputs: Iterable[str], on_empty: Callable[[str], None] |
     seen: set[Path] = set()
     unique = [p for p in out if not (p in seen or seen.add(p))]
     if not unique:
+        where = f" (subfolders with slides: {', '.join(map(str, hints))}; pass those)" if hints else ""
         raise SlideChatError(
-            f"no slides found in {', '.join(map(str, inputs)) or 'the input'}; give slide files, folders, globs, "
-            f"or a CSV with a slide_path column (slide extensions: {', '.join(SLIDE_EXTENSIONS)})"
+            f"no slides found in {', '.join(map(str, inputs)) or 'the input'}{where}; give slide files, folders, "
+            f"globs, or a CSV with a slide_path column (slide extensions: {', '.join(SLIDE_EXTENSIONS)})"
         )
     return unique
 

@@ -7,6 +7,8 @@ tags before any pixel is decoded, and raised as SlideReadError / MissingMppError
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -66,15 +68,28 @@ def _sniff(path: Path) -> None:
     raise SlideReadError(f"{path}: not a TIFF-based whole-slide image (unknown file signature)")
 
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Keep tifffile's log lines (e.g. "invalid page offset") from the user: what they describe reaches
+    the user as our own one-line error instead."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _check_tiff_structure(path: Path) -> None:
     """Check level sizes and that every tile/strip lies inside the file, using TIFF tags only."""
     import tifffile
 
     size = path.stat().st_size
     try:
-        with tifffile.TiffFile(path) as tf:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
             if not tf.series:
-                raise SlideReadError(f"{path}: TIFF has no image data")
+                raise SlideReadError(f"{path}: TIFF has no image data; the file may be truncated, re-copy the slide")
             series = tf.series[0]
             levels = list(series.levels)
             page0 = levels[0].keyframe
@@ -119,7 +134,8 @@ class SlideReader:
             raise MissingMppError(f"--mpp {mpp} is not a plausible microns-per-pixel value (expected e.g. 0.25 or 0.5)")
         self._mpp_override = float(mpp) if mpp is not None else None
         try:
-            self._slide = tiffslide.TiffSlide(self.path)
+            with _quiet_tifffile():
+                self._slide = tiffslide.TiffSlide(self.path)
             self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
                 (int(w), int(h)) for w, h in self._slide.level_dimensions
             )

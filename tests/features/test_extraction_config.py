@@ -112,3 +112,26 @@ def test_keep_best_patches_when_none_reaches_the_fraction(cmu_slide, caplog):
         assert 0 < len(grid) < 10 and "best-covered" in caplog.text
         with pytest.raises(NoTissueError, match="--min-tissue"):
             make_tile_grid(r, sparse, 0.5, 224, keep_best=False)
+
+
+def test_dataset_folder_finds_its_slides_subfolder(synth_dataset, tmp_path):
+    from slidechat.errors import SlideChatError
+    from slidechat.features.extract import expand_slide_inputs
+
+    found = expand_slide_inputs([str(synth_dataset)])
+    assert found and all(p.parent == synth_dataset / "slides" for p in found)
+    nested = tmp_path / "cohort"
+    (nested / "a").mkdir(parents=True)
+    (nested / "a" / "x.svs").write_bytes(b"II*\x00")
+    with pytest.raises(SlideChatError, match=r"subfolders with slides: .*cohort/a"):
+        expand_slide_inputs([str(nested)])
+
+
+def test_truncated_tiff_gives_one_line_and_no_tifffile_log(cmu_slide, tmp_path, capfd, caplog):
+    bad = tmp_path / "cut.svs"
+    bad.write_bytes(cmu_slide.read_bytes()[:20000])
+    with caplog.at_level(logging.DEBUG):
+        assert main(["extract", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "truncated" in err[0]
