@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("slidechat.synth.cli", "make synthetic H&E-like pyramidal TIFF slides with ground truth"),
     "extract": ("slidechat.features.cli", "tile slides and encode patches into TRIDENT/CLAM-style .h5 files"),
     "chat": ("slidechat.inference.cli", "chat about a slide in the terminal"),
-    "report": ("slidechat.evaluation.report_cli", "batch report generation over many slides (JSONL + HTML)"),
+    "report": ("slidechat.inference.report_cli", "batch report generation over many slides (JSONL + HTML)"),
     "eval": ("slidechat.evaluation.cli", "benchmark evaluation: closed VQA, captioning, retrieval, grounding"),
     "train": ("slidechat.training.cli", "staged training with accelerate (stage 0/1/2 recipes)"),
     "app": ("slidechat.app.cli", "the browser chat application (Gradio)"),
