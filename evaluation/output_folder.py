@@ -8,7 +8,7 @@ from pathlib import Path
 
 from slidechat.evaluation.results_table import results_markdown
 from slidechat.errors import DataError
-from slidechat.utils.io import atomic_path, write_json_atomic, write_text_atomic
+from slidechat.utils.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -16,14 +16,6 @@ RESULTS_JSON = "results.json"
 PREDICTIONS_JSONL = "predictions.jsonl"
 RESULTS_MD = "results.md"
 PLOTS_DIR = "plots"
-
-
-def write_predictions(path: str | Path, records: list[dict]) -> None:
-    """Write all prediction records as JSONL in one atomic step."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def write_results_folder(out_dir: str | Path, results: dict, records: list[dict] | None = None,
@@ -36,7 +28,7 @@ def write_results_folder(out_dir: str | Path, results: dict, records: list[dict]
     paths = {"results": out_dir / RESULTS_JSON, "markdown": out_dir / RESULTS_MD}
     if records is not None:
         paths["predictions"] = out_dir / PREDICTIONS_JSONL
-        write_predictions(paths["predictions"], records)
+        write_jsonl_atomic(paths["predictions"], records)
     if plots and "closed_vqa" in results:
         try:
             results.setdefault("plots", [])

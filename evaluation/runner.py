@@ -22,12 +22,11 @@ from pathlib import Path
 
 from slidechat.evaluation.benchmark_data import BenchmarkData, load_benchmark
 from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
-from slidechat.evaluation.jsonl_log import JsonlLog
-from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_predictions, write_results_folder
+from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_results_folder
 from slidechat.evaluation.scoring import TextScoreConfig, score_text
 from slidechat.evaluation.slidebench import format_mcq_prompt
 from slidechat.errors import ConfigError, SlideChatError
-from slidechat.utils.io import read_jsonl, write_json_atomic
+from slidechat.utils.io import JsonlLog, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
                                     load_mask(data.lesion_mask_path(unit["slide_id"])), float(truth["mask_downsample"]))
         if overlays_left[0] > 0 and data.slides.get(unit["slide_id"]):
             try:
-                from slidechat.evaluation.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
+                from slidechat.utils.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
 
                 thumb, size0 = slide_thumbnail(data.slides[unit["slide_id"]], 768)
                 img = heatmap_overlay(thumb, size0, hm, boxes_level0=[truth["lesion"]["bbox_level0"]])
@@ -279,7 +278,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict:
         notes.append(f"{len(errors)} item(s) failed (see predictions.jsonl, status=error)")
     results = {"meta": {**meta, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         "n_predictions": len(plog.latest())}, **results, "notes": notes}
-    write_predictions(out / SCORES_JSONL, scored)
+    write_jsonl_atomic(out / SCORES_JSONL, scored)
     write_results_folder(out, results, records=None, plots=cfg.plots)
     return results
 

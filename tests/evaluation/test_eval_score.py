@@ -8,7 +8,7 @@ import json
 import pytest
 
 from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
-from slidechat.evaluation.jsonl_log import JsonlLog, repair_torn_tail
+from slidechat.utils.io import JsonlLog, repair_torn_tail
 from slidechat.evaluation.slidebench import format_mcq_prompt, load_closed_vqa, load_predictions
 from slidechat.cli import main
 from slidechat.errors import DataError

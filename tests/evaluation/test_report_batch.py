@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from slidechat.evaluation.batch_report import BatchReportConfig, collect_jobs, run_batch, shard_jobs
+from slidechat.inference.batch_report import BatchReportConfig, collect_jobs, run_batch, shard_jobs
 from slidechat.cli import main
 from slidechat.utils.io import read_jsonl
 
@@ -100,7 +100,7 @@ def test_shards_split_and_merge_via_cli(batch_inputs, tiny_checkpoint_dir, tmp_p
 
 
 def test_shard_from_accelerate_environment(monkeypatch):
-    from slidechat.evaluation.batch_report import resolve_shard
+    from slidechat.inference.batch_report import resolve_shard
     from slidechat.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -1,4 +1,4 @@
-"""Slide thumbnails and heatmap overlays for evaluation folders and batch-report pages.
+"""Slide thumbnails and heatmap overlays for batch-report pages and evaluation folders.
 
 Overlays are drawn with ``slidechat.viz`` (the app's renderer), so the browser app, the grounding
 figures and the batch report look the same. Images are written atomically.

@@ -3,6 +3,7 @@
     slidechat report SLIDES... --out DIR [--checkpoint demo] [--prompt TEXT]
     slidechat report cases.csv --out DIR            # CSV: slide_path [, case_id, prompt]
     slidechat report 'data/*.svs' --out DIR --num-shards 4 --shard-id 0
+    for i in 1 2 3; do slidechat report data/ --out DIR & done   # N workers share one folder (lock files)
     accelerate launch --multi_gpu --num_processes 4 -m slidechat.cli report data/ --out DIR  # a shard per GPU
     torchrun --nproc_per_node 2 -m slidechat.cli report data/ --out DIR                      # (tested on CPU)
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="do not encode the next slide in the background")
     parser.add_argument("--retry-errors", action="store_true", help="redo slides that have an error record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip (and count) malformed rows of input CSVs instead of stopping at the first one")
+    parser.add_argument("--lock-stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
+                        help="take over a slide whose worker on another machine has not refreshed its lock for this "
+                             f"long (default {DEFAULT_STALE_AFTER_S:g}; a killed worker on this machine at once)")
     parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any slide has an error record")
 
 
 def run(args) -> int:
     """Run (or resume) the batch; prints a one-line summary."""
-    from slidechat.evaluation.batch_report import BatchReportConfig, run_batch
+    from slidechat.inference.batch_report import BatchReportConfig, run_batch
 
     cfg = BatchReportConfig(
         inputs=args.inputs, out_dir=args.out, checkpoint=args.checkpoint, device=args.device, prompt=args.prompt,
@@ -45,9 +53,13 @@ def run(args) -> int:
         thumbnail_size=args.thumbnail_size, max_new_tokens=args.max_new_tokens,
         summary_max_new_tokens=args.summary_max_new_tokens, retry_errors=args.retry_errors,
         prefetch=not args.no_prefetch, progress=not args.no_progress, mpp=args.mpp,
+        skip_bad_lines=args.skip_bad_lines,
+        lock_stale_s=args.lock_stale_after,
     )
     c = run_batch(cfg)
-    where = c["index"] or f"{c['reports']} (index.html is written when all shards are done)"
+    if c["bad_lines_summary"]:
+        print(c["bad_lines_summary"], file=sys.stderr)
+    where = c["index"] or f"{c['reports']} (index.html is written when every slide has a record)"
     print(f"{c['records']}/{c['total']} slides reported: {c['ok_total']} ok, {c['error_total']} error "
-          f"({c['skipped']} already done in this shard) -> {where}", file=sys.stderr)
+          f"({c['skipped']} done before or by other workers) -> {where}", file=sys.stderr)
     return 1 if (args.fail_on_error and c["error_total"]) else 0
