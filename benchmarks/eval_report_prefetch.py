@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from slidechat.evaluation.batch_report import BatchReportConfig, run_batch
+    from slidechat.inference.batch_report import BatchReportConfig, run_batch
     from slidechat.synth import generate_dataset
 
     rows = []
