@@ -13,7 +13,7 @@ from pathlib import Path
 
 from slidechat.evaluation.slidebench import ClosedVQAItem, load_closed_vqa
 from slidechat.errors import DataError
-from slidechat.utils.io import read_jsonl
+from slidechat.utils.io import BadLines, read_jsonl
 
 FEATURE_EXTS = (".h5", ".hdf5", ".csv")
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide", ".qptiff")
@@ -53,17 +53,30 @@ class BenchmarkData:
         return (self.root / t["mask_path"]) if t.get("lesion") and t.get("mask_path") else None
 
 
-def load_synth_folder(root: Path) -> BenchmarkData:
-    truth = {r["slide_id"]: r for r in read_jsonl(root / "truth.jsonl")}
+def _keyed(records: list[dict], key: str, source: Path) -> dict[str, dict]:
+    """{record[key]: record}; a record without the key is malformed."""
+    for i, r in enumerate(records, 1):
+        if key not in r:
+            raise DataError(f"{source}: record {i} has no {key!r}; regenerate the folder with `slidechat synth`")
+    return {r[key]: r for r in records}
+
+
+def load_synth_folder(root: Path, bad_lines: BadLines | None = None) -> BenchmarkData:
+    truth = _keyed(read_jsonl(root / "truth.jsonl", bad_lines), "slide_id", root / "truth.jsonl")
     if not truth:
         raise DataError(f"{root}/truth.jsonl is empty or unreadable; regenerate with `slidechat synth`")
     data = BenchmarkData(name=root.name, root=root, truth=truth,
                          slides={sid: root / r["path"] for sid, r in truth.items()})
     if (root / "closed_vqa.csv").exists():
-        data.closed_vqa = load_closed_vqa(root / "closed_vqa.csv")
-    data.open_vqa = read_jsonl(root / "open_vqa.jsonl")
-    data.captions = {r["slide_id"]: r["caption"] for r in read_jsonl(root / "captions.jsonl")}
-    data.reports = {r["slide_id"]: r for r in read_jsonl(root / "reports.jsonl")}
+        data.closed_vqa = load_closed_vqa(root / "closed_vqa.csv", bad_lines)
+    data.open_vqa = read_jsonl(root / "open_vqa.jsonl", bad_lines)
+    for i, r in enumerate(data.open_vqa, 1):
+        missing = [k for k in ("id", "slide_id", "question", "answer") if k not in r]
+        if missing:
+            raise DataError(f"{root / 'open_vqa.jsonl'}: record {i} has no {', '.join(missing)}")
+    captions = _keyed(read_jsonl(root / "captions.jsonl", bad_lines), "slide_id", root / "captions.jsonl")
+    data.captions = {sid: str(r.get("caption", "")) for sid, r in captions.items()}
+    data.reports = _keyed(read_jsonl(root / "reports.jsonl", bad_lines), "slide_id", root / "reports.jsonl")
     return data
 
 
@@ -85,15 +98,15 @@ def find_slide_file(slide: str, features_dir: Path | None, slides_dir: Path | No
 
 
 def load_benchmark(data: str | Path, features_dir: str | Path | None = None,
-                   slides_dir: str | Path | None = None) -> BenchmarkData:
+                   slides_dir: str | Path | None = None, bad_lines: BadLines | None = None) -> BenchmarkData:
     """Load a SynthSlide folder or a SlideBench CSV/JSON (see the module docstring)."""
     path = Path(data)
     if path.is_dir():
         if not (path / "truth.jsonl").exists():
             raise DataError(f"{path}: not a SynthSlide folder (no truth.jsonl); give a folder made by "
                             "`slidechat synth` or a SlideBench CSV")
-        return load_synth_folder(path)
-    items = load_closed_vqa(path)
+        return load_synth_folder(path, bad_lines)
+    items = load_closed_vqa(path, bad_lines)
     fdir = Path(features_dir) if features_dir else None
     sdir = Path(slides_dir) if slides_dir else None
     if fdir is None and sdir is None:

@@ -11,12 +11,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
+
 ALL_TASKS = ("closed_vqa", "open_vqa", "captioning", "reports", "grounding", "retrieval")
 
 
 def _add_bootstrap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def _add_skip_bad_lines(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) malformed lines/rows/records of the input files instead of stopping "
+                        "at the first one with its line number")
 
 
 def _add_text(p: argparse.ArgumentParser) -> None:
@@ -36,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "optional when --pred is a SlideChat output CSV with the Answer column")
     s.add_argument("--out", help="output folder (default: print the table only)")
     s.add_argument("--no-plots", action="store_true")
+    _add_skip_bad_lines(s)
     _add_bootstrap(s)
     _add_text(s)
 
@@ -55,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=None)
     r.add_argument("--overlays", type=int, default=4, help="heatmap overlay images to save (default 4)")
     r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--lock-stale-after", type=float, default=DEFAULT_STALE_AFTER_S, metavar="SECONDS",
+                   help="several workers may share one --out: take over a slide whose worker on another machine "
+                        f"has not refreshed its lock for this long (default {DEFAULT_STALE_AFTER_S:g})")
+    _add_skip_bad_lines(r)
     _add_bootstrap(r)
     _add_text(r)
 
@@ -81,8 +94,13 @@ def _run_score(args) -> int:
     from slidechat.evaluation.output_folder import write_results_folder
     from slidechat.evaluation.results_table import results_markdown
     from slidechat.evaluation.scoring import score_files
+    from slidechat.utils.io import BadLines
 
-    results, records = score_files(args.pred, args.gold, bootstrap=_bootstrap_cfg(args), text=_text_cfg(args))
+    bad_lines = BadLines(skip=args.skip_bad_lines)
+    results, records = score_files(args.pred, args.gold, bootstrap=_bootstrap_cfg(args), text=_text_cfg(args),
+                                   bad_lines=bad_lines)
+    if bad_lines.count:
+        print(bad_lines.summary(), file=sys.stderr)
     sys.stdout.write(results_markdown(results))
     if args.out:
         paths = write_results_folder(args.out, results, records, plots=not args.no_plots)
@@ -110,10 +128,19 @@ def _run_model(args) -> int:
         features_dir=args.features_dir, slides_dir=args.slides_dir, max_new_tokens=args.max_new_tokens,
         mcq_max_new_tokens=args.mcq_max_new_tokens, cache_dir=args.cache_dir, progress=not args.no_progress,
         device=args.device, n_overlays=args.overlays, plots=not args.no_plots,
-        bootstrap=_bootstrap_cfg(args), text=_text_cfg(args),
+        bootstrap=_bootstrap_cfg(args), text=_text_cfg(args), skip_bad_lines=args.skip_bad_lines,
+        lock_stale_s=args.lock_stale_after,
     )
     results = run_evaluation(cfg)
     from slidechat.evaluation.results_table import results_markdown
+
+    if results["meta"].get("skipped_lines"):
+        print(f"skipped {len(results['meta']['skipped_lines'])} malformed line(s): "
+              + "; ".join(results["meta"]["skipped_lines"][:5]), file=sys.stderr)
+    if results.get("pending"):
+        print(f"{results['pending']} item(s) are still being run by other workers on {args.out}; the worker "
+              "that finishes last writes results.json", file=sys.stderr)
+        return 0
 
     sys.stdout.write(results_markdown(results))
     return 0

@@ -10,11 +10,15 @@ Tasks (each item asked in a fresh conversation about its slide):
 
 Resume: every answer is appended (fsync) to ``predictions.jsonl`` keyed by (task, id); a rerun with the same
 ``--out`` skips what is there (a torn last line from a kill is cut off) and only scores at the end.
+Several workers (processes or machines on a shared filesystem) may run the same command on the same ``--out``:
+each claims a slide with a lock file in ``<out>/.locks/`` before answering its items, and the worker that
+logs the last item writes the results.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,14 +29,16 @@ from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
 from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_results_folder
 from slidechat.evaluation.scoring import TextScoreConfig, score_text
 from slidechat.evaluation.slidebench import format_mcq_prompt
-from slidechat.errors import ConfigError, SlideChatError
-from slidechat.utils.io import JsonlLog, read_jsonl, write_json_atomic, write_jsonl_atomic
+from slidechat.errors import ConfigError, DataError, SlideChatError
+from slidechat.utils.io import BadLines, JsonlLog, read_jsonl, write_json_atomic, write_jsonl_atomic
+from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, LockFolder
 
 log = logging.getLogger(__name__)
 
 CAPTION_PROMPT = "Describe this slide."
 RUN_JSON = "run.json"
 SCORES_JSONL = "scores.jsonl"
+LOCK_DIR = ".locks"
 TASK_ORDER = ("closed_vqa", "open_vqa", "captioning", "reports", "grounding", "retrieval")
 
 
@@ -55,6 +61,19 @@ class EvalRunConfig:
     progress: bool = True
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     text: TextScoreConfig = field(default_factory=TextScoreConfig)
+    skip_bad_lines: bool = False  # skip (and count) malformed lines of the benchmark files instead of stopping
+    lock_stale_s: float = DEFAULT_STALE_AFTER_S  # a slide claim not refreshed for this long is taken over
+
+    def __post_init__(self) -> None:
+        for name, value in (("--max-new-tokens", self.max_new_tokens), ("--mcq-max-new-tokens", self.mcq_max_new_tokens)):
+            if not isinstance(value, int) or not 1 <= value <= 8192:
+                raise ConfigError(f"{name} must be an integer in [1, 8192]; got {value!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1; got {self.limit}")
+        if self.n_overlays < 0:
+            raise ConfigError(f"--overlays must be >= 0; got {self.n_overlays}")
+        if not self.lock_stale_s > 0:
+            raise ConfigError(f"--lock-stale-after must be > 0 seconds; got {self.lock_stale_s!r}")
 
 
 def _key(record: dict) -> tuple[str, str]:
@@ -84,18 +103,22 @@ def _work_items(data: BenchmarkData, tasks: list[str], limit: int | None) -> lis
     return sorted(units, key=lambda u: order.get(u["slide_id"], len(order)))
 
 
-def _check_run_meta(out: Path, meta: dict) -> None:
+def _check_run_meta(out: Path, meta: dict, create: bool = True) -> None:
+    """Refuse a folder that holds another checkpoint's or data set's run; record ours when ``create``."""
     path = out / RUN_JSON
     if path.exists():
         import json
 
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: corrupt ({exc.msg}); delete the folder to start over") from exc
         for key in ("checkpoint", "data"):
             if old.get(key) != meta.get(key):
                 raise ConfigError(f"{out} holds a run with {key}={old.get(key)!r}, not {meta.get(key)!r}; "
                                   "use another --out (or delete the folder) to start over")
-    else:
-        write_json_atomic(path, meta)
+    elif create:
+        write_json_atomic(path, {k: v for k, v in meta.items() if k != "skipped_lines"})
 
 
 def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData, out: Path,
@@ -211,61 +234,65 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
     return results, scored
 
 
-def run_evaluation(cfg: EvalRunConfig) -> dict:
-    """Run (or resume) an evaluation and write the output folder; returns the results dict."""
-    import slidechat
+def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig):
+    """(encoded slide, None) or (None, error text)."""
+    path = data.slides.get(sid)
+    try:
+        if path is None:
+            raise SlideChatError(f"no slide or feature file found for slide {sid!r}")
+        return assistant.encode_slide(path, cache_dir=cfg.cache_dir), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
-    data = load_benchmark(cfg.data, cfg.features_dir, cfg.slides_dir)
-    available = data.available_tasks()
-    tasks = [t for t in TASK_ORDER if t in (cfg.tasks or available)]
-    missing = [t for t in tasks if t not in available]
-    if missing:
-        raise ConfigError(f"{cfg.data} has no data for task(s) {', '.join(missing)}; available: {', '.join(available)}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(cfg.checkpoint), "data": str(Path(cfg.data).resolve()), "tasks": tasks,
-            "model": Path(str(cfg.checkpoint)).name or str(cfg.checkpoint), "name": out.name,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    _check_run_meta(out, meta)
-    assistant = slidechat.load(cfg.checkpoint, device=cfg.device)
-    plog = JsonlLog(out / PREDICTIONS_JSONL, key=_key)
-    units = [u for u in _work_items(data, [t for t in tasks if t != "retrieval"], cfg.limit) if _key(u) not in plog]
-    overlays_left = [max(0, cfg.n_overlays - sum(1 for r in plog.records if r.get("overlay")))]
+
+def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
+              out: Path, overlays_left: list[int]) -> dict:
+    """The log record of one unit (status ok, or error with the reason)."""
+    t0 = time.perf_counter()
+    record = {k: unit[k] for k in ("task", "id", "slide_id")}
+    if "prompt" in unit:
+        record["prompt"] = unit["prompt"]
+    if enc_error:
+        record.update(status="error", error=enc_error, output=None)
+    else:
+        try:
+            record.update(_answer(assistant, enc, unit, cfg, data, out, overlays_left), status="ok")
+        except Exception as exc:
+            log.warning("%s %s failed: %s", unit["task"], unit["id"], exc)
+            record.update(status="error", error=f"{type(exc).__name__}: {exc}", output=None)
+    record["seconds"] = round(time.perf_counter() - t0, 4)
+    return record
+
+
+def _run_units(assistant, units: list[dict], plog: JsonlLog, cfg: EvalRunConfig, data: BenchmarkData,
+               out: Path) -> None:
+    """Answer every unit not yet logged, one slide at a time, each slide claimed with a lock file so that
+    several workers on the same --out split the slides (see ``slidechat.utils.locks``)."""
     from tqdm.auto import tqdm
 
+    locks = LockFolder(out / LOCK_DIR, stale_after_s=cfg.lock_stale_s)
+    overlays_left = [max(0, cfg.n_overlays - sum(1 for r in plog.records if r.get("overlay")))]
     bar = tqdm(total=len(units), unit="item", desc="eval", disable=not cfg.progress)
-    enc_sid, enc, enc_error = None, None, None
     try:
-        for unit in units:
-            sid = unit["slide_id"]
-            if sid != enc_sid:
-                enc_sid, enc, enc_error = sid, None, None
-                path = data.slides.get(sid)
-                try:
-                    if path is None:
-                        raise SlideChatError(f"no slide or feature file found for slide {sid!r}")
-                    enc = assistant.encode_slide(path, cache_dir=cfg.cache_dir)
-                except Exception as exc:
-                    enc_error = f"{type(exc).__name__}: {exc}"
-            t0 = time.perf_counter()
-            record = {k: unit[k] for k in ("task", "id", "slide_id")}
-            if "prompt" in unit:
-                record["prompt"] = unit["prompt"]
-            if enc_error:
-                record.update(status="error", error=enc_error, output=None)
-            else:
-                try:
-                    record.update(_answer(assistant, enc, unit, cfg, data, out, overlays_left), status="ok")
-                except Exception as exc:
-                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                        raise
-                    log.warning("%s %s failed: %s", unit["task"], unit["id"], exc)
-                    record.update(status="error", error=f"{type(exc).__name__}: {exc}", output=None)
-            record["seconds"] = round(time.perf_counter() - t0, 4)
-            plog.append(record)
-            bar.update(1)
+        for sid, group in itertools.groupby(units, key=lambda u: u["slide_id"]):
+            group = list(group)
+            lock = locks.try_acquire(f"slide-{sid}")
+            if lock is None:
+                continue  # another worker is on this slide
+            with lock:
+                plog.refresh()  # another worker may have finished this slide just before we took the lock
+                todo = [u for u in group if _key(u) not in plog]
+                enc, enc_error = _encode_for(assistant, data, sid, cfg) if todo else (None, None)
+                for unit in todo:
+                    plog.append(_run_unit(assistant, enc, enc_error, unit, cfg, data, out, overlays_left))
+                    bar.update(1)
     finally:
         bar.close()
+    locks.remove_folder_if_empty()
+
+
+def _score_and_write(assistant, data: BenchmarkData, plog: JsonlLog, tasks: list[str], meta: dict,
+                     cfg: EvalRunConfig, out: Path) -> dict:
     results, scored = score_run(data, plog.latest(), cfg)
     if "retrieval" in tasks:
         results["retrieval"] = _run_retrieval(assistant, data, cfg)
@@ -281,6 +308,38 @@ def run_evaluation(cfg: EvalRunConfig) -> dict:
     write_jsonl_atomic(out / SCORES_JSONL, scored)
     write_results_folder(out, results, records=None, plots=cfg.plots)
     return results
+
+
+def run_evaluation(cfg: EvalRunConfig) -> dict:
+    """Run (or resume, or join other workers on) an evaluation; the worker that logs the last item scores it
+    and writes the output folder. Returns the results, or ``{"meta", "pending": n}`` while other workers still
+    hold ``n`` items."""
+    import slidechat
+
+    bad_lines = BadLines(skip=cfg.skip_bad_lines)
+    data = load_benchmark(cfg.data, cfg.features_dir, cfg.slides_dir, bad_lines)
+    available = data.available_tasks()
+    tasks = [t for t in TASK_ORDER if t in (cfg.tasks or available)]
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise ConfigError(f"{cfg.data} has no data for task(s) {', '.join(missing)}; available: {', '.join(available)}")
+    out = Path(cfg.out_dir)
+    meta = {"checkpoint": str(cfg.checkpoint), "data": str(Path(cfg.data).resolve()), "tasks": tasks,
+            "model": Path(str(cfg.checkpoint)).name or str(cfg.checkpoint), "name": out.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "skipped_lines": [f"{b.source}:{b.line}: {b.reason}" for b in bad_lines.skipped]}
+    _check_run_meta(out, meta, create=False)
+    assistant = slidechat.load(cfg.checkpoint, device=cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run_meta(out, meta)
+    plog = JsonlLog(out / PREDICTIONS_JSONL, key=_key)
+    all_units = _work_items(data, [t for t in tasks if t != "retrieval"], cfg.limit)
+    _run_units(assistant, [u for u in all_units if _key(u) not in plog], plog, cfg, data, out)
+    plog.refresh()
+    pending = [u for u in all_units if _key(u) not in plog]
+    if pending:
+        return {"meta": meta, "pending": len(pending)}
+    return _score_and_write(assistant, data, plog, tasks, meta, cfg, out)
 
 
 def read_predictions(out_dir: str | Path) -> list[dict]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
 from slidechat.evaluation.slidebench import has_gold_columns, load_closed_vqa, load_predictions, read_table
 from slidechat.errors import DataError
+from slidechat.utils.io import BadLines
 
 TEXT_GOLD_KEYS = {"caption": "captioning", "report_text": "reports", "answer": "open_vqa"}
 
@@ -21,9 +22,9 @@ class TextScoreConfig:
     numeric_tolerance: float = 0.1
 
 
-def detect_gold_kind(path: str | Path) -> str:
+def detect_gold_kind(path: str | Path, bad_lines: BadLines | None = None) -> str:
     """"closed_vqa" for a SlideBench-style table (options + answer letter), else the text task name."""
-    rows = read_table(path)
+    rows = read_table(path, bad_lines)
     if not rows:
         raise DataError(f"{path}: empty gold file")
     keys = {str(k).strip().lstrip("\ufeff") for k in rows[0]}
@@ -36,16 +37,19 @@ def detect_gold_kind(path: str | Path) -> str:
                     f"or JSONL with 'caption', 'report_text' or 'answer'")
 
 
-def load_text_gold(path: str | Path) -> tuple[str, dict[str, list[str]], dict[str, dict]]:
+def load_text_gold(path: str | Path, bad_lines: BadLines | None = None
+                   ) -> tuple[str, dict[str, list[str]], dict[str, dict]]:
     """Return (task, {id: reference texts}, {id: structured report fields}) from a text gold file."""
-    task = detect_gold_kind(path)
+    task = detect_gold_kind(path, bad_lines)
     text_key = {v: k for k, v in TEXT_GOLD_KEYS.items()}[task]
     refs: dict[str, list[str]] = {}
     fields: dict[str, dict] = {}
-    for i, row in enumerate(read_table(path)):
+    for i, row in enumerate(read_table(path, bad_lines)):
         rid = row.get("id") if task == "open_vqa" else row.get("slide_id", row.get("id"))
         if rid is None:
             raise DataError(f"{path} record {i + 1}: no id / slide_id")
+        if text_key not in row:
+            raise DataError(f"{path} record {i + 1}: no {text_key!r} field")
         value = row[text_key]
         refs.setdefault(str(rid), []).extend(value if isinstance(value, list) else [str(value)])
         if isinstance(row.get("report"), dict):
@@ -53,10 +57,10 @@ def load_text_gold(path: str | Path) -> tuple[str, dict[str, list[str]], dict[st
     return task, refs, fields
 
 
-def load_predicted_fields(path: str | Path) -> dict[str, dict]:
+def load_predicted_fields(path: str | Path, bad_lines: BadLines | None = None) -> dict[str, dict]:
     """{id: structured fields} from prediction records that carry ``fields`` (or ``report``) dicts."""
     out = {}
-    for row in read_table(path):
+    for row in read_table(path, bad_lines):
         rid = next((row[k] for k in ("id", "slide_id", "ID") if k in row), None)
         f = row.get("fields", row.get("report"))
         if rid is not None and isinstance(f, dict):
@@ -82,25 +86,34 @@ def score_text(task: str, outputs: dict[str, str], refs: dict[str, list[str]], c
 
 
 def score_files(pred: str | Path, gold: str | Path | None, *, bootstrap: BootstrapConfig | None = None,
-                text: TextScoreConfig | None = None) -> tuple[dict, list[dict]]:
+                text: TextScoreConfig | None = None, bad_lines: BadLines | None = None) -> tuple[dict, list[dict]]:
     """Score a predictions file against a gold file; returns (results dict, per-item records).
 
     ``gold`` may be None when ``pred`` is a SlideChat-style output CSV that carries the gold
-    columns (``Answer`` etc.) next to ``Output``.
+    columns (``Answer`` etc.) next to ``Output``. Malformed lines are errors unless ``bad_lines`` skips them;
+    skipped lines are counted in ``results["meta"]["skipped_lines"]``.
     """
     text = text or TextScoreConfig()
+    bad_lines = bad_lines if bad_lines is not None else BadLines()
+    results, records = _score(Path(pred), gold, bootstrap, text, bad_lines)
+    results["meta"]["skipped_lines"] = [f"{b.source}:{b.line}: {b.reason}" for b in bad_lines.skipped]
+    return results, records
+
+
+def _score(pred: Path, gold: str | Path | None, bootstrap: BootstrapConfig | None, text: TextScoreConfig,
+           bad_lines: BadLines) -> tuple[dict, list[dict]]:
     if gold is None:
-        if not has_gold_columns(pred):
+        if not has_gold_columns(pred, bad_lines):
             raise DataError(f"{pred}: no --gold given and the file has no Question/Answer columns")
         gold = pred
     meta = {"pred": str(pred), "gold": str(gold), "model": Path(pred).stem,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    kind = detect_gold_kind(gold)
-    outputs = load_predictions(pred, task=kind)
+    kind = detect_gold_kind(gold, bad_lines)
+    outputs = load_predictions(pred, task=kind, bad_lines=bad_lines)
     if kind == "closed_vqa":
-        summary, records = score_closed_vqa(load_closed_vqa(gold), outputs, bootstrap)
+        summary, records = score_closed_vqa(load_closed_vqa(gold, bad_lines), outputs, bootstrap)
         return {"meta": meta, "closed_vqa": summary}, records
-    task, refs, true_fields = load_text_gold(gold)
+    task, refs, true_fields = load_text_gold(gold, bad_lines)
     scored = score_text(task, outputs, refs, text)
     per_item = scored.pop("per_item", {})
     results = {"meta": meta, task: scored}
@@ -109,7 +122,7 @@ def score_files(pred: str | Path, gold: str | Path | None, *, bootstrap: Bootstr
     if true_fields:
         from slidechat.evaluation.metrics.report_fields import report_field_accuracy
 
-        pred_fields = load_predicted_fields(pred)
+        pred_fields = load_predicted_fields(pred, bad_lines)
         if pred_fields:
             pairs = [(pred_fields.get(k, {}), true_fields[k]) for k in true_fields]
             results["report_fields"] = report_field_accuracy(pairs, text.numeric_tolerance)

@@ -12,14 +12,12 @@ SlideChat's own inference output (the gold columns plus ``Output``).
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slidechat.errors import DataError
 from slidechat.prompts import format_mcq
-from slidechat.utils.io import read_jsonl
+from slidechat.utils.io import BadLines, read_records
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 OUTPUT_KEYS = ("output", "Output", "prediction", "Prediction", "response", "answer_text", "text", "pred")
@@ -108,30 +106,9 @@ def _item_from_row(row: dict, index: int, source: str) -> ClosedVQAItem:
     )
 
 
-def read_table(path: str | Path) -> list[dict]:
-    """Read a CSV (BOM-tolerant) or JSON list / JSONL file as a list of dict rows."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".csv" or suffix == ".tsv":
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            return [_normalize_keys(r) for r in reader]
-    if suffix == ".jsonl":
-        return read_jsonl(path)
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from exc
-        if isinstance(data, dict):
-            for key in ("questions", "data", "items", "predictions"):
-                if isinstance(data.get(key), list):
-                    return data[key]
-            raise DataError(f"{path}: expected a JSON list of questions (or {{'questions': [...]}})")
-        return list(data)
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .json or .jsonl")
+def read_table(path: str | Path, bad_lines: BadLines | None = None) -> list[dict]:
+    """Rows of a CSV/TSV (BOM-tolerant), JSON list or JSONL file, read strictly (``slidechat.utils.io``)."""
+    return [_normalize_keys(r) for r in read_records(path, bad_lines)]
 
 
 def _dedupe_ids(items: list[ClosedVQAItem]) -> None:
@@ -144,9 +121,9 @@ def _dedupe_ids(items: list[ClosedVQAItem]) -> None:
             item.id = f"{item.id}#{k}"
 
 
-def load_closed_vqa(path: str | Path) -> list[ClosedVQAItem]:
+def load_closed_vqa(path: str | Path, bad_lines: BadLines | None = None) -> list[ClosedVQAItem]:
     """Load a SlideBench-style closed VQA file (CSV or JSON) into items with unique ids."""
-    rows = read_table(path)
+    rows = read_table(path, bad_lines)
     if not rows:
         raise DataError(f"{path}: no questions found")
     items = [_item_from_row(row, i, str(path)) for i, row in enumerate(rows)]
@@ -154,14 +131,14 @@ def load_closed_vqa(path: str | Path) -> list[ClosedVQAItem]:
     return items
 
 
-def load_predictions(path: str | Path, task: str | None = None) -> dict[str, str]:
+def load_predictions(path: str | Path, task: str | None = None, bad_lines: BadLines | None = None) -> dict[str, str]:
     """Load predictions as {question id: model output text}.
 
     Accepts JSONL/JSON records (id + output text) or a CSV with ``ID`` and ``Output`` columns.
     Repeated ids get the same ``#k`` suffixes as the gold file, so row order matches. With ``task``,
     records that carry a different ``task`` field (an `eval run` log mixes tasks) are skipped.
     """
-    rows = read_table(path)
+    rows = read_table(path, bad_lines)
     if not rows:
         raise DataError(f"{path}: no predictions found")
     out: dict[str, str] = {}
@@ -186,9 +163,9 @@ def load_predictions(path: str | Path, task: str | None = None) -> dict[str, str
     return out
 
 
-def has_gold_columns(path: str | Path) -> bool:
+def has_gold_columns(path: str | Path, bad_lines: BadLines | None = None) -> bool:
     """True when a predictions file also carries the gold answers (SlideChat's output CSV)."""
-    rows = read_table(path)
+    rows = read_table(path, bad_lines)
     return bool(rows) and "Answer" in _normalize_keys(rows[0]) and "Question" in _normalize_keys(rows[0])
 
 

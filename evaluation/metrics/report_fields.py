@@ -5,7 +5,8 @@ Comparison rules per field value type (of the truth):
   fields whose name contains ``percent`` are in percent and use ``100 * numeric_tolerance``;
   a predicted string such as "35%" is parsed (divided by 100 unless the field is a percent field);
 - lists/sets: correct when equal as case-insensitive sets; the Jaccard index is reported too;
-- booleans: "yes/true/present" vs "no/false/absent";
+- booleans: a bool, a number (non-zero = yes) or text read by the report's own yes/no parser
+  (``slidechat.inference.report.parse_yes_no``: "yes/true/present..." vs "no/none/absent/not...");
 - None/null: correct when the prediction is empty/none/absent/not present;
 - strings: equal after lower-casing and stripping punctuation.
 A field missing from one prediction is wrong. Fields the model never outputs (no prediction has the
@@ -19,9 +20,8 @@ import re
 from collections import defaultdict
 
 from slidechat.evaluation.answer_parser import normalize_text
+from slidechat.inference.report import parse_yes_no
 
-_TRUE = {"yes", "true", "present", "1", "positive"}
-_FALSE = {"no", "false", "absent", "0", "negative", "none", "not present"}
 _NULL = {"", "none", "null", "n a", "na", "absent", "not present", "no lesion", "not applicable"}
 
 
@@ -38,6 +38,17 @@ def _to_float(value, percent_field: bool = False) -> float | None:
     return number / 100.0 if is_percent and not percent_field else number
 
 
+def _as_bool(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+        return float(text) != 0
+    return parse_yes_no(text)
+
+
 def _as_set(value) -> set[str]:
     if isinstance(value, (list, tuple, set)):
         return {normalize_text(v) for v in value if normalize_text(v)}
@@ -52,8 +63,7 @@ def compare_field(pred, truth, numeric_tolerance: float = 0.1, percent_field: bo
     if pred is None:
         return False, (0.0 if isinstance(truth, (list, tuple, set)) else None)
     if isinstance(truth, bool):
-        p = normalize_text(pred) if not isinstance(pred, bool) else ("true" if pred else "false")
-        return (p in _TRUE) if truth else (p in _FALSE), None
+        return _as_bool(pred) is truth, None
     if isinstance(truth, (int, float)):
         p = _to_float(pred, percent_field)
         tol = numeric_tolerance * (100.0 if percent_field else 1.0)
