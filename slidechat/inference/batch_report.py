@@ -1,7 +1,7 @@
 """Batch report generation over many slides (`slidechat report`): reports.jsonl + index.html.
 
 One record per slide (``id, case_id, slide_path, slide_sha256, model, prompt, report_text, fields,
-heatmap_path, thumbnail_path, timing, status, error, shard, created``), appended with fsync as soon as the
+heatmap_path, thumbnail_path, timing, status, error, shard, worker, created``), appended with fsync as soon as the
 slide is done. Safe to kill at any moment: a rerun skips every id already recorded (ok *or* error; use
 ``retry_errors`` to redo failures), cuts off a torn last line, and never duplicates a record. A slide that
 cannot be read or encoded becomes a ``status: "error"`` record and the batch goes on.
@@ -24,6 +24,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,7 @@ def _report_one(assistant, job: SlideJob, fut: cf.Future, cfg: BatchReportConfig
         record["timing"] = {}
     record["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
     record["shard"] = shard
+    record["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # several workers may share --out
     record["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return record
 
