@@ -112,3 +112,19 @@ def test_shard_from_accelerate_environment(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     assert resolve_shard(None, None) == (1, 0)
+
+
+def test_csv_with_a_bad_row_stops_or_is_skipped_and_counted(batch_inputs, tiny_checkpoint_dir, tmp_path, capsys):
+    slide = sorted(batch_inputs.glob("synth*.tiff"))[0]
+    csv_path = tmp_path / "cases.csv"
+    csv_path.write_text(f"slide_path,case_id\n{slide},case-0\n{slide},case-1,surplus\n")
+    out = tmp_path / "out"
+    common = ["report", str(csv_path), "--out", str(out), "--checkpoint", str(tiny_checkpoint_dir), "--cache-dir",
+              str(tmp_path / "cache"), "--max-new-tokens", "2", "--summary-max-new-tokens", "2", "--no-progress",
+              "--no-heatmaps"]
+    assert main(common) == 2
+    assert "cases.csv:3: 3 field(s), the header has 2" in capsys.readouterr().err and not out.exists()
+    assert main(common + ["--skip-bad-lines"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 malformed line(s): " in err and "cases.csv:3" in err
+    assert [r["id"] for r in read_jsonl(out / "reports.jsonl")] == ["case-0"]
