@@ -244,9 +244,10 @@ def read_jsonl(path: str | os.PathLike, bad_lines: BadLines | None = None) -> li
     return parse_jsonl_text(_read_text(p), str(p), bad_lines)
 
 
-def read_csv_rows(path: str | os.PathLike, bad_lines: BadLines | None = None, delimiter: str = ",") -> list[dict]:
+def read_csv_rows(path: str | os.PathLike, bad_lines: BadLines | None = None, delimiter: str = ",",
+                  required: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a CSV/TSV file (BOM and stray header spaces tolerated); a row with more or fewer fields than the
-    header is malformed (line numbers count the header as line 1)."""
+    header is malformed (line numbers count the header as line 1). ``required`` columns must be in the header."""
     policy = _strict(bad_lines)
     p = Path(path)
     text = _read_text(p, encoding="utf-8-sig")
@@ -255,9 +256,12 @@ def read_csv_rows(path: str | os.PathLike, bad_lines: BadLines | None = None, de
         header = next(reader, None)
     except csv.Error as exc:
         raise DataError(f"{p}:1: malformed CSV header ({exc})") from exc
+    names = [h.strip() for h in header or []]
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(f"{p}: CSV needs a {', '.join(repr(c) for c in missing)} column (has {names})")
     if header is None:
         return []
-    names = [h.strip() for h in header]
     rows: list[dict] = []
     while True:
         try:
