@@ -191,14 +191,17 @@ def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None
     if not path.is_file():
         return  # encode_slide raises the proper error
     from slidechat.features.extract import extract_slide
+    from slidechat.slide.config import ExtractionConfig
 
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else inference_encode.default_feature_cache()
-    h5 = cache / inference_encode.encoder_cache_key(assistant) / f"{sha256_file(path)}.h5"
+    sha = sha256_file(path)
+    h5 = cache / inference_encode.encoder_cache_key(assistant) / f"{sha}.h5"
     if h5.is_file():
         return
     ref = assistant.config.patch_encoder
-    extract_slide(path, inference_encode.load_patch_encoder(assistant), h5, target_mpp=ref.target_mpp,
-                  patch_size=ref.patch_size, mpp=cfg.mpp, num_workers=2, reader_mode="threads")
+    config = ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, mpp=cfg.mpp, num_workers=2,
+                              reader_mode="threads")
+    extract_slide(path, inference_encode.load_patch_encoder(assistant), h5, config, sha256=sha)
 
 
 def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
