@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from slidechat.errors import CheckpointError
+from slidechat.inference.pipeline import SlideChat
 from slidechat.model.assistant import SlideAssistant
 from slidechat.model.config import PatchEncoderRef, SlideAssistantConfig, SlideEncoderConfig
 
@@ -31,8 +32,8 @@ def demo_untrained_config(feature_dim: int | None = None) -> SlideAssistantConfi
                                 patch_encoder=PatchEncoderRef(name="demo-cnn"))
 
 
-def load(name_or_path: str = "demo", device: str | torch.device | None = None, **kwargs) -> SlideAssistant:
-    """Load a SlideAssistant.
+def load(name_or_path: str = "demo", device: str | torch.device | None = None, **kwargs) -> SlideChat:
+    """Load a model as a ``SlideChat`` (``encode_slide`` / ``chat`` / ``report``; ``.model`` is the SlideAssistant).
 
     - ``"demo"``: the embedded checkpoint in ``slidechat/assets/demo/`` (written by the training recipe);
     - ``"demo-untrained"``: the default architecture with SmolLM2 and *random* (seeded) encoder/projector weights,
@@ -46,17 +47,17 @@ def load(name_or_path: str = "demo", device: str | torch.device | None = None, *
                 f"the embedded demo checkpoint is not there yet ({DEMO_DIR}); train it with the demo recipe "
                 "(`slidechat train`), pass a checkpoint folder, or use slidechat.load('demo-untrained') for an "
                 "untrained model that runs end to end")
-        return SlideAssistant.from_pretrained(DEMO_DIR, device=device, **kwargs)
+        return SlideChat(SlideAssistant.from_pretrained(DEMO_DIR, device=device, **kwargs))
     if name_or_path in UNTRAINED_NAMES:
         config = kwargs.pop("config", None) or demo_untrained_config()
         state = torch.random.get_rng_state()
         torch.manual_seed(0)
         try:
-            return SlideAssistant(config, device=device, **kwargs).eval()
+            return SlideChat(SlideAssistant(config, device=device, **kwargs).eval())
         finally:
             torch.random.set_rng_state(state)
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; give a folder with config.json + model.safetensors, "
                               "'demo', or 'demo-untrained'")
-    return SlideAssistant.from_pretrained(path, device=device, **kwargs)
+    return SlideChat(SlideAssistant.from_pretrained(path, device=device, **kwargs))

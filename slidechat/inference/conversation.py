@@ -13,7 +13,6 @@ is a generator, so ``ask(..., stream=True)`` yields text pieces as tokens arrive
 
 from __future__ import annotations
 
-import inspect
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -22,8 +21,11 @@ import numpy as np
 import torch
 
 from slidechat.errors import SlideChatError
+from slidechat.inference.cache import InferenceCache, resolve
 from slidechat.inference.encode import EncodedSlide, as_encoded_slide
-from slidechat.model.assistant import SLIDE_TOKEN_ID, normalise_messages
+from slidechat.model.llm import cache_kwarg
+from slidechat.model.processor import SLIDE_TOKEN_ID
+from slidechat.model.projector import ProjectorOutput
 from slidechat.model.slide_encoder import SlideEncoderOutput
 
 
@@ -33,49 +35,45 @@ class SlideState:
 
     slide: EncodedSlide
     encoding: SlideEncoderOutput
-    tokens: torch.Tensor  # [T, H_llm] projected slide tokens
-    cross_attention: torch.Tensor | None  # [layers, K, L] mean over heads (Q-Former only)
-    selected_patches: torch.Tensor | None  # linear projector: indices of the patch tokens fed to the LLM
+    output: ProjectorOutput  # one slide; what the projector's patch_relevance reads (see ProjectorOutput.for_relevance)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[T, H_llm] projected slide tokens."""
+        return self.output.tokens[0]
+
+
+def _weights_version(model) -> int:
+    # in-place weight updates (optimizer steps, load_state_dict) bump tensor versions and invalidate the entry
+    return sum(p._version for m in (model.slide_encoder, model.projector) for p in m.parameters())
 
 
 @torch.no_grad()
-def prepare_slide(assistant, slide) -> SlideState:
-    """Run the slide encoder + projector once for ``slide`` (cached on the assistant by sha256, last 4 slides)."""
-    enc_slide = as_encoded_slide(assistant, slide)
-    cache: dict = assistant.__dict__.setdefault("_slide_states", {})
-    # in-place weight updates (optimizer steps, load_state_dict) bump tensor versions and invalidate the entry
-    version = sum(p._version for m in (assistant.slide_encoder, assistant.projector) for p in m.parameters())
-    key = (enc_slide.sha256, version)
-    if key in cache:
-        return cache[key]
+def encode_state(model, enc_slide: EncodedSlide, keep: np.ndarray | None = None) -> SlideState:
+    """Slide encoder + projector on ``enc_slide`` (or on the patches ``keep`` of it), with attention maps."""
     feats = enc_slide.features
-    f = torch.from_numpy(np.ascontiguousarray(feats.features, dtype=np.float32))
-    c = None if feats.coords is None else torch.from_numpy(np.asarray(feats.coords, dtype=np.int64))
-    qformer = assistant.config.projector == "qformer"
-    was_training = assistant.training
+    f, c = feats.features, feats.coords
+    if keep is not None:
+        f, c = f[keep], None if c is None else c[keep]
+    f = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+    c = None if c is None else torch.from_numpy(np.asarray(c, dtype=np.int64))
+    was_training = model.training
     if was_training:
-        assistant.eval()
+        model.eval()
     try:
-        encodings, proj = assistant.encode_features([f], [c], [enc_slide.patch_size_level0], output_attentions=qformer)
+        encodings, proj = model.encode_features([f], [c], [enc_slide.patch_size_level0], output_attentions=True)
     finally:
         if was_training:
-            assistant.train(True)
-    cross = None
-    if qformer and proj.cross_attentions:
-        cross = torch.stack([a[0].float().mean(dim=0) for a in proj.cross_attentions]).cpu()  # [layers, K, L]
-    selected = None if qformer else assistant.projector.select(encodings[0].num_patches).cpu()
-    state = SlideState(slide=enc_slide, encoding=encodings[0], tokens=proj.tokens[0], cross_attention=cross,
-                       selected_patches=selected)
-    if len(cache) >= 4:
-        cache.pop(next(iter(cache)))
-    cache[key] = state
-    return state
+            model.train(True)
+    return SlideState(slide=enc_slide, encoding=encodings[0], output=proj.for_relevance())
 
 
-def cache_kwarg(llm) -> str:
-    """Name of the key/value cache argument of the LLM's forward (``cache`` in recent transformers)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+def prepare_slide(assistant, slide, cache: InferenceCache | None = None) -> SlideState:
+    """Run the slide encoder + projector once for ``slide`` (kept in the inference cache by sha256)."""
+    model, cache = resolve(assistant, cache)
+    enc_slide = as_encoded_slide(model, slide, cache)
+    key = (enc_slide.sha256, _weights_version(model))
+    return cache.slide_state(key, lambda: encode_state(model, enc_slide))
 
 
 def crop_cache(cache, tokens_to_remove: int) -> bool:
@@ -103,11 +101,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Conversation:
-    """Chat about one slide: ``ask``, ``heatmap``, ``messages``, ``reset``."""
+    """Chat about one slide: ``ask``, ``heatmap``, ``evidence``, ``messages``, ``reset``.
 
-    def __init__(self, assistant, slide, kv_reuse: bool = True, max_new_tokens: int = 256) -> None:
-        self.assistant = assistant
-        self.state = prepare_slide(assistant, slide)
+    ``assistant`` is a ``SlideChat`` or a bare ``SlideAssistant``; ``cache`` overrides the inference cache.
+    """
+
+    def __init__(self, assistant, slide, kv_reuse: bool = True, max_new_tokens: int = 256,
+                 cache: InferenceCache | None = None) -> None:
+        self.model, self.cache = resolve(assistant, cache)
+        self.processor = self.model.processor
+        self.state = prepare_slide(self.model, slide, self.cache)
         self.slide = self.state.slide
         self.kv_reuse = kv_reuse
         self.max_new_tokens = max_new_tokens
@@ -116,6 +119,10 @@ class Conversation:
         self._fed: list[int] = []  # the token ids whose key/values are in the cache (slide positions = -200)
         self._lock = threading.Lock()
         self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
+
+    @property
+    def assistant(self):
+        return self.model
 
     # ------------------------------------------------------------------ public
     def reset(self) -> None:
@@ -147,19 +154,16 @@ class Conversation:
     # ------------------------------------------------------------------ internals
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the chat-templated ``messages`` + generation prompt, slide placeholder expanded to T ids."""
-        a = self.assistant
-        msgs = normalise_messages(messages)
-        ids = a.encode_text(a.render(msgs, add_generation_prompt=True))
-        t = int(self.state.tokens.shape[0])
-        if SLIDE_TOKEN_ID in ids:
-            p = ids.index(SLIDE_TOKEN_ID)
-            ids = ids[:p] + [SLIDE_TOKEN_ID] * t + ids[p + 1 :]
-        return ids
+        return self.processor.prompt_ids(messages, int(self.state.tokens.shape[0]))
+
+    def attended_ids(self) -> list[int]:
+        """The token ids the LLM has read so far; before the first question, the prompt of a slide-only turn."""
+        fed = list(self._fed)
+        return fed if SLIDE_TOKEN_ID in fed else self.prompt_ids([{"role": "user", "content": ""}])
 
     def _embed(self, ids: list[int], offset: int, full: list[int]) -> torch.Tensor:
         """Input embeddings of ``full[offset:offset+len(ids)]`` (slide positions take the slide tokens)."""
-        a = self.assistant
-        embed = a.llm.get_input_embeddings()
+        embed = self.model.llm.get_input_embeddings()
         t = torch.tensor(ids, dtype=torch.long, device=embed.weight.device)
         out = embed(t.clamp_min(0))
         slide_pos = (t == SLIDE_TOKEN_ID).nonzero().flatten()
@@ -186,15 +190,16 @@ class Conversation:
         return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
     def _run(self, embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.assistant.llm(inputs_embeds=embeds, input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                                 **{cache_kwarg(self.assistant.llm): self._cache})
+        llm = self.model.llm
+        out = llm(inputs_embeds=embeds, input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                  **{cache_kwarg(llm): self._cache})
         self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[0, -1]
 
     @torch.no_grad()
     def _generate(self, question: str, max_new_tokens: int, temperature: float, top_p: float,
                   repetition_penalty: float, seed: int | None) -> Iterator[str]:
-        a = self.assistant
+        a = self.model
         with self._lock:
             self.messages.append({"role": "user", "content": question})
             full = self.prompt_ids(self.messages)
@@ -213,7 +218,7 @@ class Conversation:
                 a.eval()
             device = a.llm.get_input_embeddings().weight.device
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            stops = a.stop_token_ids()
+            stops = self.processor.stop_token_ids()
             generated: list[int] = []
             text = ""
             try:
@@ -224,7 +229,7 @@ class Conversation:
                     if tok in stops:
                         break
                     generated.append(tok)
-                    decoded = a.tokenizer.decode(generated, skip_special_tokens=True)
+                    decoded = self.processor.decode(generated)
                     if not decoded.endswith("\ufffd") and len(decoded) > len(text):
                         piece, text = decoded[len(text):], decoded
                         yield piece
@@ -232,7 +237,7 @@ class Conversation:
                         break
                     logits = self._run(input_ids=torch.tensor([[tok]], device=device))
                     self._fed.append(tok)
-                tail = a.tokenizer.decode(generated, skip_special_tokens=True)
+                tail = self.processor.decode(generated)
                 if len(tail) > len(text):
                     piece, text = tail[len(text):], tail
                     yield piece

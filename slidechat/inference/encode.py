@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from slidechat.errors import DataError, SlideReadError
+from slidechat.inference.cache import InferenceCache, resolve
 from slidechat.model.llm import cache_root
 from slidechat.utils.io import sha256_file
 
@@ -60,23 +61,24 @@ def encoder_cache_key(assistant) -> str:
     return f"{name}-{whash}-mpp{ref.target_mpp:g}-ps{ref.patch_size}"
 
 
-def load_patch_encoder(assistant):
-    """The checkpoint's patch encoder (``slidechat.encoders.load_encoder``), cached on the assistant."""
-    enc = getattr(assistant, "_patch_encoder", None)
-    if enc is None:
+def load_patch_encoder(assistant, cache: InferenceCache | None = None):
+    """The checkpoint's patch encoder (``slidechat.encoders.load_encoder``), loaded once into the inference cache."""
+    model, cache = resolve(assistant, cache)
+    ref = model.config.patch_encoder
+    if ref is None:
+        raise DataError("this checkpoint has no patch encoder; give a feature file (.h5/.csv) instead of a slide")
+
+    def build():
         from slidechat.encoders import load_encoder
 
-        ref = assistant.config.patch_encoder
-        if ref is None:
-            raise DataError("this checkpoint has no patch encoder; give a feature file (.h5/.csv) instead of a slide")
-        wpath = assistant.patch_encoder_weights_path()
-        enc = load_encoder(ref.name, weights=None if wpath is None else str(wpath), device=str(assistant.device))
-        assistant._patch_encoder = enc
-    return enc
+        wpath = model.patch_encoder_weights_path()
+        return load_encoder(ref.name, weights=None if wpath is None else str(wpath), device=str(model.device))
+
+    return cache.patch_encoder(build)
 
 
 def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: Callable | None = None,
-                 cache_dir: str | Path | None = None) -> EncodedSlide:
+                 cache_dir: str | Path | None = None, cache: InferenceCache | None = None) -> EncodedSlide:
     """Features for ``path_or_h5``: a ``.h5``/``.csv`` is loaded directly; a slide is tiled + encoded once."""
     from slidechat.features.store import load_features
 
@@ -92,7 +94,8 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
                             h5_path=path if path.suffix.lower() != ".csv" else None, source_path=path)
     sha = sha256_file(path)
     out = Path(cache_dir).expanduser() if cache_dir else default_feature_cache()
-    h5 = out / encoder_cache_key(assistant) / f"{sha}.h5"
+    model, cache = resolve(assistant, cache)
+    h5 = out / encoder_cache_key(model) / f"{sha}.h5"
     feats = None
     if h5.is_file():
         try:
@@ -102,14 +105,14 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
     if feats is None:
         from slidechat.features.extract import extract_slide
 
-        ref = assistant.config.patch_encoder
-        extract_slide(path, load_patch_encoder(assistant), h5, target_mpp=ref.target_mpp, patch_size=ref.patch_size,
+        ref = model.config.patch_encoder
+        extract_slide(path, load_patch_encoder(model, cache), h5, target_mpp=ref.target_mpp, patch_size=ref.patch_size,
                       mpp=mpp, progress=progress)
         feats = load_features(h5)
     return EncodedSlide(slide_id=path.stem, sha256=sha, features=feats, h5_path=h5, source_path=path)
 
 
-def as_encoded_slide(assistant, slide) -> EncodedSlide:
+def as_encoded_slide(assistant, slide, cache: InferenceCache | None = None) -> EncodedSlide:
     """Accept an EncodedSlide, a SlideFeatures, or a path."""
     if isinstance(slide, EncodedSlide):
         return slide
@@ -123,4 +126,4 @@ def as_encoded_slide(assistant, slide) -> EncodedSlide:
             sha = "features-" + h.hexdigest()
         return EncodedSlide(slide_id=sid, sha256=sha, features=slide, h5_path=getattr(slide, "path", None),
                             source_path=getattr(slide, "path", None))
-    return encode_slide(assistant, slide)
+    return encode_slide(assistant, slide, cache=cache)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slidechat import prompts
+from slidechat.inference.cache import InferenceCache, resolve
+from slidechat.inference.conversation import Conversation, prepare_slide
 
 # class key -> spellings recognised in answers (lower case, prefixes allowed)
 _TISSUE_SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -169,14 +171,13 @@ class Report:
 
 
 def generate_report(assistant, slide, max_new_tokens: int = 64, summary_max_new_tokens: int = 160,
-                    questions: dict[str, str] | None = None) -> Report:
+                    questions: dict[str, str] | None = None, cache: InferenceCache | None = None) -> Report:
     """Ask each targeted question in a fresh conversation (the slide is encoded once) and parse the answers."""
-    from slidechat.inference.conversation import Conversation, prepare_slide
-
-    state = prepare_slide(assistant, slide)
+    model, cache = resolve(assistant, cache)
+    state = prepare_slide(model, slide, cache)
     answers: dict[str, str] = {}
     for key, question in (questions or prompts.REPORT_QUESTIONS).items():
-        conv = Conversation(assistant, state.slide)
+        conv = Conversation(model, state.slide, cache=cache)
         limit = summary_max_new_tokens if key == "summary" else max_new_tokens
         answers[key] = conv.ask(question, max_new_tokens=limit)
     return Report(fields=parse_answers(answers), raw_answers=answers, slide_id=state.slide.slide_id)

@@ -1,11 +1,12 @@
-"""SlideAssistant: hierarchical slide encoder -> projector (Q-Former or linear) -> any Hugging Face causal LM.
+"""SlideAssistant: hierarchical slide encoder -> projector (registered by name) -> any Hugging Face causal LM.
 
-The LLM's own chat template is used as is. The first user turn carries a ``<slide>`` placeholder (``<image>`` is
-accepted too); after tokenisation it is a single id ``SLIDE_TOKEN_ID`` (-200, the LLaVA convention) that
-``build_inputs_embeds`` replaces by the slide's projected tokens (K for the Q-Former, one per patch for the linear
-baseline). No token is added to the LLM's vocabulary, so a frozen LLM stays untouched.
+The text side (tokenizer, chat template, the ``<slide>`` placeholder that becomes ``SLIDE_TOKEN_ID``) is the
+model's ``processor`` (``slidechat.model.processor.SlideChatProcessor``); ``build_inputs_embeds`` replaces each
+``SLIDE_TOKEN_ID`` by the slide's projected tokens. No token is added to the LLM's vocabulary, so a frozen LLM stays
+untouched. Inference (encoding slide files, conversations, heatmaps, reports) lives in ``slidechat.inference`` and
+uses this class; this class knows nothing about it.
 
-Training hooks (issue 5): ``tokenize_conversation(messages)`` and ``forward(input_ids, attention_mask, labels,
+Training: ``processor.tokenize_conversation(messages)`` and ``forward(input_ids, attention_mask, labels,
 slide_features, slide_coords)`` returning the LLM output with ``.loss``.
 
 Checkpoint folder (``save_pretrained`` / ``from_pretrained``)::
@@ -30,51 +31,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slidechat import prompts
 from slidechat.errors import CheckpointError, ConfigError, DataError, SlideChatError
+from slidechat.model import linear_projector, qformer  # noqa: F401  (the built-in projectors register on import)
 from slidechat.model.config import SlideAssistantConfig
 from slidechat.model.llm import load_llm
-from slidechat.model.qformer import LinearProjector, ProjectorOutput, QFormerProjector
+from slidechat.model.processor import IGNORE_INDEX, SLIDE_TOKEN_ID, SlideChatProcessor, normalise_messages
+from slidechat.model.projector import ProjectorOutput, SlideProjector, create_projector
 from slidechat.model.slide_encoder import HierarchicalSlideEncoder, SlideEncoderOutput, pad_and_stack
 from slidechat.utils.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-SLIDE_TOKEN_ID = -200
-IGNORE_INDEX = -100
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PATCH_ENCODER_WEIGHTS_NAME = "patch_encoder.safetensors"
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                "model": "assistant", "bot": "assistant"}
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def normalise_messages(messages: Sequence[dict[str, Any]], with_slide: bool = True) -> list[dict[str, str]]:
-    """Accept ``{"role","content"}`` or LLaVA ``{"from","value"}`` turns; put one ``<slide>`` in the first user turn
-    (inserted at its start if missing when ``with_slide``) and drop placeholders from every other turn."""
-    out: list[dict[str, str]] = []
-    seen_slide = False
-    for m in messages:
-        role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
-        if role not in ROLE_ALIASES or not isinstance(content, str):
-            raise DataError(f"a conversation turn needs a role (user/assistant/system or human/gpt) and text, got {m!r}")
-        role = ROLE_ALIASES[role]
-        content = prompts.normalise_placeholder(content)
-        if role == "user" and not seen_slide and with_slide:
-            if prompts.SLIDE_PLACEHOLDER not in content:
-                content = prompts.SLIDE_PLACEHOLDER + "\n" + content
-            head, _, tail = content.partition(prompts.SLIDE_PLACEHOLDER)
-            content = head + prompts.SLIDE_PLACEHOLDER + tail.replace(prompts.SLIDE_PLACEHOLDER, "")
-            seen_slide = True
-        else:
-            content = content.replace(prompts.SLIDE_PLACEHOLDER, "").strip() if prompts.SLIDE_PLACEHOLDER in content else content
-        out.append({"role": role, "content": content})
-    return out
 
 
 class SlideAssistant(nn.Module):
@@ -92,20 +66,14 @@ class SlideAssistant(nn.Module):
             raise ConfigError("a tokenizer is required when an LLM object is passed in")
         self.llm = llm
         self.tokenizer = tokenizer
-        llm_hidden = self.llm.get_input_embeddings().weight.shape[1]
+        self.processor = SlideChatProcessor(tokenizer, config.system_prompt, getattr(llm, "generation_config", None))
+        embeddings = self.llm.get_input_embeddings().weight
         self.slide_encoder = HierarchicalSlideEncoder(config.encoder)
-        if config.projector == "qformer":
-            self.projector: nn.Module = QFormerProjector(config.qformer, llm_hidden)
-            if config.qformer.concepts:
-                self.projector.set_concept_vocabulary(tokenizer, self.llm.get_input_embeddings().weight)
-        else:
-            lc = config.linear
-            self.projector = LinearProjector(config.encoder.hidden_size, llm_hidden, lc.num_layers, lc.max_tokens,
-                                             lc.include_slide_tokens)
+        self.projector: SlideProjector = create_projector(config.projector, config, int(embeddings.shape[1]))
+        self.projector.attach_llm(tokenizer, embeddings)
         self.slide_encoder.to(device)
         self.projector.to(device)
         self.checkpoint_dir: Path | None = base_dir  # where patch encoder weights etc. are resolved from
-        self._stop_ids: set[int] | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -118,22 +86,8 @@ class SlideAssistant(nn.Module):
 
     @property
     def num_slide_tokens(self) -> int | None:
-        """K for the Q-Former; None for the linear baseline (one token per patch)."""
-        return self.projector.num_output_tokens if self.config.projector == "qformer" else None
-
-    def stop_token_ids(self) -> set[int]:
-        """Token ids that end an assistant turn (eos of the tokenizer and generation config, template end tokens)."""
-        if self._stop_ids is None:
-            ids: set[int] = set()
-            for source in (getattr(self.llm, "generation_config", None), self.tokenizer):
-                eos = getattr(source, "eos_token_id", None)
-                ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-            vocab = self.tokenizer.get_vocab()
-            for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>"):
-                if tok in vocab:
-                    ids.add(vocab[tok])
-            self._stop_ids = ids
-        return self._stop_ids
+        """Tokens per slide in the LLM (concept + query tokens for the Q-Former); None when it varies with the slide."""
+        return self.projector.num_output_tokens
 
     # ------------------------------------------------------------------ slide side
     def encode_features(self, slide_features: Sequence[torch.Tensor], slide_coords: Sequence[torch.Tensor | None] | None = None,
@@ -148,59 +102,15 @@ class SlideAssistant(nn.Module):
             f = torch.as_tensor(f).to(self.device)
             c = None if c is None else torch.as_tensor(c)
             encodings.append(self.slide_encoder(f, c, ps))
-        if self.config.projector == "qformer":
-            memory, mask = pad_and_stack([e.tokens() for e in encodings])
-            proj = self.projector(memory, mask, output_attentions=output_attentions)
-        else:
-            proj = self.projector(encodings)
+        proj = self.projector(encodings, output_attentions=output_attentions)
         proj.tokens = [t.to(self.llm_dtype) for t in proj.tokens]
         return encodings, proj
 
     # ------------------------------------------------------------------ text side
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """The LLM's chat template applied to ``messages`` (with the configured system prompt) as a string."""
-        msgs = list(messages)
-        system = prompts.SYSTEM_PROMPT if self.config.system_prompt is None else self.config.system_prompt
-        if system and (not msgs or msgs[0]["role"] != "system"):
-            msgs = [{"role": "system", "content": system}] + msgs
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def encode_text(self, text: str) -> list[int]:
-        """Tokenise ``text`` with the placeholder becoming ``SLIDE_TOKEN_ID`` (no special tokens added)."""
-        ids: list[int] = []
-        for i, part in enumerate(text.split(prompts.SLIDE_PLACEHOLDER)):
-            if i:
-                ids.append(SLIDE_TOKEN_ID)
-            if part:
-                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
-        return ids
-
     def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                               with_slide: bool = True) -> dict[str, torch.Tensor]:
-        """Chat-template a conversation into ``input_ids`` (1-D, one ``SLIDE_TOKEN_ID`` for the slide) and ``labels``
-        (-100 everywhere except the assistant turns' tokens, their end-of-turn token included)."""
-        msgs = normalise_messages(messages, with_slide=with_slide)
-        full = self.render(msgs, add_generation_prompt=add_generation_prompt)
-        spans: list[tuple[int, int]] = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = len(self.render(msgs[:i], add_generation_prompt=True))
-            end_text = self.render(msgs[: i + 1])
-            if not full.startswith(end_text) or not end_text.startswith(full[:start]):
-                raise ConfigError("this LLM's chat template is not prefix-stable across turns; cannot mask labels")
-            spans.append((start, len(end_text)))
-        ids: list[int] = []
-        labels: list[int] = []
-        pos = 0
-        for start, end in spans + [(len(full), len(full))]:
-            prompt_ids = self.encode_text(full[pos:start])
-            answer_ids = self.encode_text(full[start:end])
-            ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-            pos = end
-        labels = [IGNORE_INDEX if t == SLIDE_TOKEN_ID else t for t in labels]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        """``processor.tokenize_conversation`` (the training data's hook)."""
+        return self.processor.tokenize_conversation(messages, add_generation_prompt, with_slide)
 
     def build_inputs_embeds(self, input_ids: torch.Tensor, slide_tokens: Sequence[torch.Tensor],
                             attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
@@ -251,25 +161,6 @@ class SlideAssistant(nn.Module):
             slide_tokens = proj.tokens
         embeds, mask, labels = self.build_inputs_embeds(input_ids, slide_tokens, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
-
-    # ------------------------------------------------------------------ inference (implemented in slidechat.inference)
-    def encode_slide(self, path_or_h5, *, mpp: float | None = None, progress=None, cache_dir=None):
-        """Features of a slide file (tiles + encodes, cached by sha256) or a ``.h5`` / SlideChat ``.csv``."""
-        from slidechat.inference.encode import encode_slide
-
-        return encode_slide(self, path_or_h5, mpp=mpp, progress=progress, cache_dir=cache_dir)
-
-    def chat(self, slide, **kwargs):
-        """Start a multi-turn ``Conversation`` about ``slide`` (an EncodedSlide, SlideFeatures, or a path)."""
-        from slidechat.inference.conversation import Conversation
-
-        return Conversation(self, slide, **kwargs)
-
-    def report(self, slide, **kwargs):
-        """A structured report (``.fields``, ``.text``, ``.to_markdown()``) from targeted questions."""
-        from slidechat.inference.report import generate_report
-
-        return generate_report(self, slide, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -361,3 +252,7 @@ class SlideAssistant(nn.Module):
             self.projector.load_state_dict(proj, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{source} does not match the model in config.json: {str(exc)[:500]}") from exc
+
+
+__all__ = ["SlideAssistant", "default_device", "normalise_messages", "SLIDE_TOKEN_ID", "IGNORE_INDEX", "WEIGHTS_NAME",
+           "CONFIG_NAME", "PATCH_ENCODER_WEIGHTS_NAME"]

@@ -180,12 +180,10 @@ class PatchEncoderRef:
         return _from_dict(cls, data)
 
 
-PROJECTORS = ("qformer", "linear")
-
-
 @dataclass
 class SlideAssistantConfig:
-    """The whole model. ``projector`` selects the Q-Former (default) or the SlideChat-style linear baseline."""
+    """The whole model. ``projector`` names a registered projector (``slidechat.model.projector``): "qformer"
+    (default, section ``qformer``) or "linear" (the SlideChat-style baseline, section ``linear``)."""
 
     encoder: SlideEncoderConfig = field(default_factory=SlideEncoderConfig)
     projector: str = "qformer"
@@ -205,8 +203,8 @@ class SlideAssistantConfig:
                 setattr(self, name, cls.from_dict(value))
         if isinstance(self.patch_encoder, dict):
             self.patch_encoder = PatchEncoderRef.from_dict(self.patch_encoder)
-        if self.projector not in PROJECTORS:
-            raise ConfigError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if not isinstance(self.projector, str) or not self.projector:
+            raise ConfigError(f"projector must be the name of a registered projector, got {self.projector!r}")
         # The Q-Former reads the slide encoder's tokens.
         self.qformer.encoder_hidden_size = self.encoder.hidden_size
 

@@ -276,3 +276,54 @@ def _apply_lora(model, config: LLMConfig, adapter_dir: Path | None, quantized: b
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"LoRA target modules {config.lora_target_modules} do not match this LLM: {exc}") from exc
+
+
+def base_model(llm):
+    """The transformers model under a peft wrapper (the LLM itself when it has none)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def cache_kwarg(llm) -> str:
+    """Name of the key/value cache argument of the LLM's forward (``cache`` in recent transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(base_model(llm).forward).parameters else "past_key_values"
+
+
+def eager_attention_view(llm):
+    """A view of ``llm`` that computes attention eagerly (so ``output_attentions=True`` returns the weights).
+
+    Every module is a shallow copy that shares the original's parameters and buffers; only the copies' configs say
+    ``eager``. The original model and its config are not touched, so other threads keep using it (e.g. with sdpa)
+    while the view runs. Weight updates of the original show in the view; structural changes (new adapters) do
+    not: build a new view then.
+    """
+    import copy
+
+    from transformers import PretrainedConfig
+
+    configs: dict[int, PretrainedConfig] = {}
+
+    def eager_config(cfg: PretrainedConfig) -> PretrainedConfig:
+        if id(cfg) not in configs:
+            new = copy.deepcopy(cfg)
+            new._attn_implementation = "eager"
+            configs[id(cfg)] = new
+        return configs[id(cfg)]
+
+    modules: dict[int, torch.nn.Module] = {}
+
+    def view(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) in modules:
+            return modules[id(module)]
+        twin = copy.copy(module)
+        modules[id(module)] = twin
+        twin._parameters = dict(module._parameters)
+        twin._buffers = dict(module._buffers)
+        twin._modules = {k: None if m is None else view(m) for k, m in module._modules.items()}
+        for key, value in vars(module).items():
+            if isinstance(value, PretrainedConfig):
+                twin.__dict__[key] = eager_config(value)
+        return twin
+
+    return view(llm)

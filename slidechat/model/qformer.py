@@ -20,7 +20,7 @@ arbitrary code; the heads are trained on structured labels (``training/slide_pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch import nn
 
 from slidechat.errors import ConfigError
 from slidechat.model.config import QFormerConfig
+from slidechat.model.projector import (ProjectorOutput, SlideProjector, register_projector,
+                                        spread_to_patches)
+from slidechat.model.slide_encoder import pad_and_stack
 
 
 def _act(name: str):
@@ -199,20 +202,14 @@ class QFormerModel(nn.Module):
         return x, tuple(cross)
 
 
-@dataclass
-class ProjectorOutput:
-    """Projected slide tokens for the LLM: one [T_i, H_llm] tensor per slide.
+@register_projector("qformer")
+class QFormerProjector(SlideProjector):
+    """K learned queries (BLIP-2 ``query_tokens``) -> Q-Former -> ``language_projection`` to the LLM's hidden size.
 
-    For the Q-Former, ``T_i = K`` and ``cross_attentions`` holds per-layer [B, heads, K, L] maps when requested.
+    Output tokens per slide: the C concept tokens (if any), then the K query tokens. Relevance: the cross-attention
+    over the slide encoder's tokens, averaged over layers and heads, weighted over the queries (uniformly, or by
+    ``token_weights``: a concept token's weight is shared evenly by the K queries it is read from).
     """
-
-    tokens: list[torch.Tensor]
-    cross_attentions: tuple[torch.Tensor, ...] | None = None
-    concept_logits: dict[str, torch.Tensor] | None = None  # [B, n_words] per concept (Q-Former with concepts)
-
-
-class QFormerProjector(nn.Module):
-    """K learned queries (BLIP-2 ``query_tokens``) -> Q-Former -> ``language_projection`` to the LLM's hidden size."""
 
     def __init__(self, config: QFormerConfig, llm_hidden_size: int) -> None:
         super().__init__()
@@ -225,9 +222,17 @@ class QFormerProjector(nn.Module):
         self.concept_heads = nn.ModuleDict({
             c["name"]: nn.Linear(config.num_query_tokens * config.hidden_size, len(c["words"])) for c in config.concepts})
 
+    @classmethod
+    def from_config(cls, config, llm_hidden_size: int) -> "QFormerProjector":
+        return cls(config.qformer, llm_hidden_size)
+
     @property
     def num_output_tokens(self) -> int:
         return self.config.num_query_tokens + len(self.config.concepts)
+
+    def attach_llm(self, tokenizer, input_embeddings: torch.Tensor) -> None:
+        if self.config.concepts:
+            self.set_concept_vocabulary(tokenizer, input_embeddings)
 
     def set_concept_vocabulary(self, tokenizer, input_embeddings: torch.Tensor) -> None:
         """Look up each concept word's embedding (first non-blank token of " word") in the LLM's input embeddings."""
@@ -243,8 +248,13 @@ class QFormerProjector(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                output_attentions: bool = False) -> ProjectorOutput:
+    def forward(self, encodings: Sequence, output_attentions: bool = False) -> ProjectorOutput:
+        """Project a batch of ``SlideEncoderOutput``s (all levels of each slide are the Q-Former's memory)."""
+        memory, mask = pad_and_stack([e.tokens() for e in encodings])
+        return self.project_memory(memory, mask, output_attentions)
+
+    def project_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
+                       output_attentions: bool = False) -> ProjectorOutput:
         """``memory`` [B, L, H_enc] (all slide-encoder levels, padded), ``memory_mask`` bool [B, L]."""
         b = memory.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
@@ -263,6 +273,28 @@ class QFormerProjector(nn.Module):
         return ProjectorOutput(tokens=list(tokens.unbind(0)), cross_attentions=cross if output_attentions else None,
                                concept_logits=logits)
 
+    def query_weights(self, token_weights: torch.Tensor) -> torch.Tensor:
+        """K weights summing to 1 from weights over the C + K output tokens (concepts first)."""
+        k = self.config.num_query_tokens
+        c = token_weights.shape[0] - k
+        w = token_weights[c:].float() + token_weights[:c].float().sum() / k
+        return w / w.sum().clamp_min(1e-12)
+
+    def patch_relevance(self, encodings: Sequence, output: ProjectorOutput,
+                        token_weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        if not output.cross_attentions:
+            raise ConfigError("the Q-Former's relevance needs its cross-attention: project with output_attentions=True")
+        maps = torch.stack(list(output.cross_attentions), 0).mean(dim=(0, 2))  # [B, K, L]: mean over layers, heads
+        out = []
+        for b, enc in enumerate(encodings):
+            if token_weights is None:
+                rel = maps[b].mean(dim=0)
+            else:
+                rel = self.query_weights(token_weights[b]).to(maps.device, maps.dtype) @ maps[b]
+            length = enc.num_patches + enc.num_regions + int(enc.slide_tokens.shape[0])
+            out.append(spread_to_patches(rel[:length], enc))
+        return out
+
 
 def concept_token_id(tokenizer, word: str) -> int:
     """Id of the first non-blank token of ``word`` as it is split inside running text (after a space)."""
@@ -272,40 +304,9 @@ def concept_token_id(tokenizer, word: str) -> int:
     raise ConfigError(f"concept word {word!r} has no token")
 
 
-class LinearProjector(nn.Module):
-    """SlideChat-style baseline: every patch token (capped at ``max_tokens`` by uniform subsampling, + the slide
-    tokens if ``include_slide_tokens``) goes through an MLP into the LLM. Cost in the LLM grows with N."""
-
-    def __init__(self, encoder_hidden: int, llm_hidden: int, num_layers: int = 2, max_tokens: int = 38400,
-                 include_slide_tokens: bool = True) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(encoder_hidden, llm_hidden)]
-        for _ in range(num_layers - 1):
-            layers += [nn.GELU(), nn.Linear(llm_hidden, llm_hidden)]
-        self.mlp = nn.Sequential(*layers)
-        self.max_tokens = max_tokens
-        self.include_slide_tokens = include_slide_tokens
-
-    def select(self, n: int, device=None) -> torch.Tensor:
-        """Indices of the patch tokens that are kept (uniform stride when over ``max_tokens``)."""
-        if self.max_tokens and n > self.max_tokens:
-            return torch.linspace(0, n - 1, self.max_tokens, device=device).round().long()
-        return torch.arange(n, device=device)
-
-    def forward(self, encodings) -> ProjectorOutput:
-        tokens = []
-        for enc in encodings:
-            x = enc.patch_tokens[self.select(enc.num_patches, enc.patch_tokens.device)]
-            if self.include_slide_tokens:
-                x = torch.cat([enc.slide_tokens, x], dim=0)
-            tokens.append(self.mlp(x))
-        return ProjectorOutput(tokens=tokens)
-
-
 def qformer_from_blip2_state_dict(projector: QFormerProjector, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a ``Blip2QFormerModel`` state dict into ``projector.qformer`` (strict; names are identical)."""
     projector.qformer.load_state_dict(state_dict, strict=True)
 
 
-__all__ = ["QFormerProjector", "QFormerModel", "LinearProjector", "ProjectorOutput", "chunked_attention",
-           "qformer_from_blip2_state_dict"]
+__all__ = ["QFormerProjector", "QFormerModel", "chunked_attention", "concept_token_id", "qformer_from_blip2_state_dict"]

@@ -13,7 +13,8 @@ from slidechat.errors import CheckpointError, DataError, SlideChatError
 from slidechat.features.store import SlideFeatures, write_features_h5
 from slidechat.inference.conversation import Conversation
 from slidechat.inference.report import parse_answers, parse_location, parse_percent, parse_yes_no
-from slidechat.model import SlideAssistant
+from slidechat.inference import SlideChat
+from slidechat.model import SLIDE_TOKEN_ID, SlideAssistant
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -36,7 +37,7 @@ def assistant(tiny_llm_dir):
         qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_attention_heads=2, intermediate_size=64),
         llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=None)
     torch.manual_seed(0)
-    return SlideAssistant(cfg, device="cpu")
+    return SlideChat(SlideAssistant(cfg, device="cpu"))
 
 
 QUESTIONS = ["Which tissue types are present?", "Is there a focal lesion?", "Write a short pathology report."]
@@ -95,16 +96,14 @@ def test_heatmap_scores_coords_and_region_mapping(assistant):
     assert np.array_equal(heat.coords, slide.coords) and heat.patch_size_level0 == 256
     # the map equals cross-attention (mean over layers/heads/queries) with region mass spread over member patches
     st = conv.state
-    rel = st.cross_attention.mean(0).mean(0)
+    rel = st.output.cross_attentions[0][0, 0].mean(0)
     n, enc = 400, st.encoding
     manual = rel[:n] + (rel[n:n + enc.num_regions] / enc.region_sizes)[enc.region_index]
     manual = (manual - manual.min()) / (manual.max() - manual.min())
     assert np.allclose(heat.scores, manual.numpy(), atol=1e-5)
-    llm = assistant.llm.get_base_model() if hasattr(assistant.llm, "get_base_model") else assistant.llm
-    attn_before = llm.config._attn_implementation
     weighted = conv.heatmap(weighting="llm")
     assert weighted.scores.shape == (400,) and not np.allclose(weighted.scores, heat.scores)
-    assert attn_before == "sdpa" and llm.config._attn_implementation == attn_before  # eager switch undone
+    assert assistant.llm.config._attn_implementation == "sdpa"  # the shared model is never switched
 
 
 def test_heatmap_without_coords_and_for_linear_projector(assistant, tiny_model_config):
@@ -113,7 +112,7 @@ def test_heatmap_without_coords_and_for_linear_projector(assistant, tiny_model_c
     heat = conv.heatmap()
     assert not heat.has_coords and heat.coords[:, 0].max() == 9 * 256  # raster width ceil(sqrt(90)) = 10
     torch.manual_seed(0)
-    linear = SlideAssistant(tiny_model_config(projector="linear"), device="cpu")
+    linear = SlideChat(SlideAssistant(tiny_model_config(projector="linear"), device="cpu"))
     conv = linear.chat(_features(70))
     conv.ask(QUESTIONS[0], max_new_tokens=3)
     heat = conv.heatmap()
@@ -172,7 +171,7 @@ def test_encode_slide_file_extracts_once_and_caches(tiny_model_config, cmu_slide
     cfg = tiny_model_config(feature_dim=dim)
     cfg.patch_encoder = PatchEncoderRef(name="demo-cnn", target_mpp=2.0, patch_size=224)
     torch.manual_seed(0)
-    model = SlideAssistant(cfg, device="cpu")
+    model = SlideChat(SlideAssistant(cfg, device="cpu"))
     stages = []
     enc = model.encode_slide(cmu_slide, cache_dir=tmp_path, progress=lambda s, d, t: stages.append(s))
     assert enc.h5_path.is_file() and enc.h5_path.parent.parent == tmp_path and enc.h5_path.stem == enc.sha256
@@ -270,10 +269,50 @@ def test_every_heatmap_weighting_for_every_projector_at_every_turn(tiny_model_co
         cfg.qformer.concepts = [{"name": "lesion", "words": ["tumour", "necrosis", "absent"]},
                                 {"name": "count", "words": ["1", "2"]}]
     torch.manual_seed(0)
-    model = SlideAssistant(cfg, device="cpu")
+    model = SlideChat(SlideAssistant(cfg, device="cpu"))
     conv = model.chat(_features(60))
     for turn in range(3):
         for weighting in ("uniform", "llm"):
             heat = conv.heatmap(weighting=weighting)
             assert heat.scores.shape == (60,) and heat.scores.max() == 1.0 and heat.scores.min() >= 0.0
         conv.ask(QUESTIONS[turn], max_new_tokens=3)
+
+
+def test_llm_heatmap_runs_beside_other_sessions_without_touching_the_shared_model(assistant):
+    """The LLM-weighted heatmap uses an eager view sharing the weights: concurrent answers are unchanged and the
+    shared model keeps its attention implementation; its weights equal an eager run of the whole sequence."""
+    import threading
+
+    from slidechat.inference.heatmap import llm_attention_to_slide
+    from slidechat.model.llm import base_model
+
+    slide_a, slide_b = _features(80, seed=3), _features(90, seed=4)
+    reference = assistant.chat(slide_b).ask(QUESTIONS[0], max_new_tokens=12)
+    busy = assistant.chat(slide_a)
+    busy.ask(QUESTIONS[1], max_new_tokens=4)
+    errors, stop = [], threading.Event()
+
+    def heatmaps():
+        try:
+            while not stop.is_set():
+                busy.heatmap(weighting="llm")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=heatmaps)
+    worker.start()
+    try:
+        answers = [assistant.chat(slide_b).ask(QUESTIONS[0], max_new_tokens=12) for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors and answers == [reference] * 3
+    assert base_model(assistant.llm).config._attn_implementation == "sdpa"
+    # same numbers as running the whole sequence eagerly at once
+    ids = busy.attended_ids()
+    start, t = ids.index(SLIDE_TOKEN_ID), int(busy.state.tokens.shape[0])
+    view = busy.cache.attention_view(assistant.llm)
+    with torch.no_grad():
+        out = view(inputs_embeds=busy._embed(ids, 0, ids)[None], output_attentions=True, use_cache=False)
+    full = torch.stack([a[0].float().mean(0) for a in out.attentions]).mean(0)[start + t:, start:start + t].mean(0)
+    assert torch.allclose(llm_attention_to_slide(busy), full, atol=1e-6)

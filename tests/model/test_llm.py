@@ -14,6 +14,7 @@ import torch
 
 import slidechat
 from slidechat.features.store import SlideFeatures
+from slidechat.inference import SlideChat
 from slidechat.model import SlideAssistant
 from slidechat.model.llm import GGUF_ALIASES, convert_gguf_to_hf, resolve_gguf
 
@@ -89,7 +90,7 @@ def test_gemma3_270m_second_architecture():
     cfg = SlideAssistantConfig(encoder=SlideEncoderConfig(feature_dim=32, hidden_size=64, num_heads=2),
                                qformer=QFormerConfig(hidden_size=64, intermediate_size=128),
                                llm=LLMConfig(name_or_path="gemma3-270m"), patch_encoder=None)
-    a = SlideAssistant(cfg, device="cpu")
+    a = SlideChat(SlideAssistant(cfg, device="cpu"))
     assert a.llm.config.model_type.startswith("gemma3")
     enc = a.tokenize_conversation([{"role": "user", "content": "<image>\nWhat is this?"},
                                    {"role": "assistant", "content": "Tumour."}])

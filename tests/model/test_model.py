@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,8 @@ from slidechat.errors import CheckpointError, ConfigError, DataError, Dependency
 from slidechat.model import (IGNORE_INDEX, SLIDE_TOKEN_ID, HierarchicalSlideEncoder, QFormerConfig,
                              SlideAssistant, SlideEncoderConfig, collate_levels)
 from slidechat.model.config import LLMConfig, SlideAssistantConfig
+from slidechat.model.projector import (ProjectorOutput, SlideProjector, create_projector, list_projectors,
+                                       register_projector)
 from slidechat.model.qformer import QFormerProjector, chunked_attention
 from slidechat.model.slide_encoder import patch_grid_from_coords, segment_softmax
 
@@ -173,7 +176,7 @@ _MEM_SCRIPT = textwrap.dedent("""
     base = rss_kb("VmRSS:")
     with torch.no_grad():
         out = enc(f, coords, 224)
-        toks = qf(out.tokens()[None]).tokens[0]
+        toks = qf([out]).tokens[0]
     assert toks.shape == (32, 64)
     print(rss_kb("VmHWM:") - base)
 """)
@@ -240,7 +243,7 @@ def test_chunked_attention_equals_full_softmax():
 def test_qformer_projector_outputs_k_tokens_and_maps():
     proj = QFormerProjector(QFormerConfig(num_query_tokens=6, hidden_size=32, num_attention_heads=2,
                                           intermediate_size=64, encoder_hidden_size=16, key_chunk_size=10), 48)
-    out = proj(torch.randn(2, 25, 16), torch.ones(2, 25, dtype=torch.bool), output_attentions=True)
+    out = proj.project_memory(torch.randn(2, 25, 16), torch.ones(2, 25, dtype=torch.bool), output_attentions=True)
     assert [t.shape for t in out.tokens] == [(6, 48), (6, 48)]
     assert len(out.cross_attentions) == 2 and out.cross_attentions[0].shape == (2, 2, 6, 25)
 
@@ -454,11 +457,75 @@ def test_quantization_on_cpu_is_a_clear_dependency_error(tiny_model_config):
 def test_config_validation():
     with pytest.raises(ConfigError):
         LLMConfig(mode="half")
-    with pytest.raises(ConfigError):
-        SlideAssistantConfig(projector="mlp")
+    with pytest.raises(ConfigError, match="registered projectors are.*linear.*qformer"):
+        create_projector("mlp", SlideAssistantConfig(), 64)
     with pytest.raises(ConfigError):
         LLMConfig(mode="full", quantization="4bit")
     cfg = SlideAssistantConfig(encoder=SlideEncoderConfig(hidden_size=64, num_heads=4))
     assert cfg.qformer.encoder_hidden_size == 64
     assert SlideAssistantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert math.isclose(cfg.patch_encoder.target_mpp, 0.5)
+
+
+@register_projector("test-mean")
+class _MeanProjector(SlideProjector):
+    """A minimal third-party projector: one token per slide (the mean patch token), relevance = uniform."""
+
+    def __init__(self, encoder_hidden: int, llm_hidden: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(encoder_hidden, llm_hidden)
+
+    @classmethod
+    def from_config(cls, config, llm_hidden_size):
+        return cls(config.encoder.hidden_size, llm_hidden_size)
+
+    @property
+    def num_output_tokens(self):
+        return 1
+
+    def forward(self, encodings, output_attentions=False):
+        return ProjectorOutput(tokens=[self.proj(e.patch_tokens.mean(0, keepdim=True)) for e in encodings])
+
+    def patch_relevance(self, encodings, output, token_weights=None):
+        return [torch.ones(e.num_patches) for e in encodings]
+
+
+def test_registered_projector_plugs_into_model_chat_and_heatmap(tiny_model_config, tmp_path):
+    from slidechat.inference import SlideChat
+
+    assert {"qformer", "linear", "test-mean"} <= set(list_projectors())
+    cfg = tiny_model_config(projector="test-mean")
+    model = SlideAssistant(cfg, device="cpu")
+    assert model.num_slide_tokens == 1 and isinstance(model.projector, _MeanProjector)
+    feats, coords = _slides()
+    ids = model.processor.tokenize_conversation(CONV[:2])["input_ids"]
+    assert model(ids[None], slide_features=feats[:1], slide_coords=coords[:1]).logits.shape[1] == len(ids)
+    model.save_pretrained(tmp_path / "ck")
+    chat = SlideChat(SlideAssistant.from_pretrained(tmp_path / "ck", device="cpu"))
+    from slidechat.features.store import SlideFeatures
+
+    conv = chat.chat(SlideFeatures(features=feats[0].numpy(), coords=coords[0].numpy(), attrs={}))
+    assert conv.ask("Which tissue types are present?", max_new_tokens=3) is not None
+    for weighting in ("uniform", "llm"):
+        assert conv.heatmap(weighting=weighting).scores.shape == (feats[0].shape[0],)
+    with pytest.raises(ValueError, match="already registered"):
+        register_projector("qformer")(_MeanProjector)
+
+
+def test_heatmap_and_grounding_share_one_relevance(tiny_model_config):
+    """The grounding loss's relevance (projector.patch_relevance on a training forward) is the heatmap's map."""
+    from slidechat.features.store import SlideFeatures
+    from slidechat.inference import SlideChat
+
+    torch.manual_seed(0)
+    model = SlideAssistant(tiny_model_config(), device="cpu").eval()
+    feats, coords = _slides()
+    encodings, proj = model.encode_features(feats, coords, output_attentions=True)
+    relevance = model.projector.patch_relevance(encodings, proj)
+    assert relevance[0].requires_grad  # differentiable: a loss can be built on it
+    for b in range(len(feats)):
+        c = None if coords[b] is None else coords[b].numpy()
+        slide = SlideFeatures(features=feats[b].numpy(), coords=c, attrs={})
+        heat = SlideChat(model).chat(slide).heatmap()
+        rel = relevance[b].detach().numpy()
+        assert np.allclose(heat.scores, (rel - rel.min()) / (rel.max() - rel.min()), atol=1e-5)
