@@ -40,13 +40,14 @@ def run_case(method: str, n: int, device: str, threads: int, repeats: int = 1, s
 
     torch.set_num_threads(threads)
     from slidechat.features.store import SlideFeatures
+    from slidechat.inference import SlideChat
     from slidechat.model import SlideAssistant
     from slidechat.model.config import LinearProjectorConfig, SlideAssistantConfig, SlideEncoderConfig
 
     cfg = SlideAssistantConfig(encoder=SlideEncoderConfig(feature_dim=512), projector=method if n else "qformer",
                                linear=LinearProjectorConfig(max_tokens=0), patch_encoder=None)
     torch.manual_seed(0)
-    model = SlideAssistant(cfg, device=device).eval()
+    model = SlideChat(SlideAssistant(cfg, device=device).eval())
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

@@ -130,12 +130,13 @@ def tiny_slide_assistant(tiny_llm_dir):
     so it tiles and encodes real slide files end to end; shared by the app tests."""
     import torch
 
+    from slidechat.inference import SlideChat
     from slidechat.model.assistant import SlideAssistant
     from slidechat.model.config import PatchEncoderRef
 
     config = _tiny_demo_cnn_config(tiny_llm_dir, PatchEncoderRef(name="demo-cnn"))
     torch.manual_seed(0)
-    return SlideAssistant(config, device="cpu")
+    return SlideChat(SlideAssistant(config, device="cpu"))
 
 
 # ---------------------------------------------------------------- evaluation: a tiny checkpoint folder on disk
