@@ -32,7 +32,7 @@ def pairs(tmp_path_factory):
 
 def test_stage0_contrastive_trains_and_retrieves(pairs):
     from slidechat.model.assistant import SlideAssistant
-    from slidechat.training.retrieval import Retriever
+    from slidechat.inference.retrieval import Retriever
 
     root, llm = pairs
     src = json.dumps([{"path": str(root / "captions.jsonl"), "kind": "captions"}])

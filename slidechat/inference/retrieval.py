@@ -1,6 +1,6 @@
-"""Slide<->text retrieval and zero-shot classification for checkpoints trained with stage 0.
+"""Slide<->text retrieval and zero-shot classification with a checkpoint's stage-0 retrieval heads.
 
-    from slidechat.training.retrieval import Retriever
+    from slidechat.inference.retrieval import Retriever
     r = Retriever(assistant)                      # reads retrieval.safetensors/json from the checkpoint folder
     r.retrieve("a slide with a tumour focus", slides, top_k=5)  -> [(index, score), ...]
     r.zero_shot(slide, ["fat", "tumour", "necrosis"])          -> {label: probability}
@@ -10,33 +10,24 @@ Slides are anything ``assistant.chat`` accepts (EncodedSlide, SlideFeatures, an 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from slidechat.errors import CheckpointError
-from slidechat.training.contrastive import RETRIEVAL_CONFIG, RETRIEVAL_WEIGHTS, RetrievalHeads, TextEncoder
+from slidechat.inference.encode import as_encoded_slide
+from slidechat.model.retrieval import TextEncoder, load_retrieval_heads
 
 
 class Retriever:
+    """Embeds slides (mean projector token -> slide head) and texts (text encoder -> text head) into one space."""
+
     def __init__(self, assistant, checkpoint_dir: str | Path | None = None) -> None:
-        d = Path(checkpoint_dir or assistant.checkpoint_dir or "")
-        if not (d / RETRIEVAL_WEIGHTS).is_file():
-            raise CheckpointError(f"{d} has no {RETRIEVAL_WEIGHTS}; train it with a stage-0 recipe "
-                                  "(training/recipes/stage0.yaml)")
-        cfg = json.loads((d / RETRIEVAL_CONFIG).read_text())
         self.assistant = assistant
-        self.heads = RetrievalHeads(cfg["slide_dim"], cfg["text_dim"], cfg["embed_dim"])
-        self.heads.load_state_dict(load_file(str(d / RETRIEVAL_WEIGHTS)))
-        self.heads.eval()
+        self.heads, cfg = load_retrieval_heads(Path(checkpoint_dir or assistant.checkpoint_dir or ""))
         self.text_encoder = TextEncoder(cfg["text_encoder"], assistant=assistant)
 
     @torch.no_grad()
     def embed_slides(self, slides: list) -> torch.Tensor:
-        from slidechat.inference.encode import as_encoded_slide
-
         feats, coords = [], []
         for s in slides:
             enc = as_encoded_slide(self.assistant, s)
