@@ -6,7 +6,7 @@ Tasks (each item asked in a fresh conversation about its slide):
 - ``reports``: ``assistant.report(slide)``: its text vs the reference report, its fields vs the truth;
 - ``grounding`` (SynthSlide slides with a lesion): ``conv.heatmap()`` vs the lesion mask, plus overlays;
 - ``retrieval``: slide<->caption recall@K and zero-shot dominant-tissue accuracy, only when the checkpoint
-  has stage-0 retrieval heads (``training.retrieval.Retriever``); otherwise skipped with a note.
+  has stage-0 retrieval heads (``slidechat.inference.retrieval.Retriever``); otherwise skipped with a note.
 
 Resume: every answer is appended (fsync) to ``predictions.jsonl`` keyed by (task, id); a rerun with the same
 ``--out`` skips what is there (a torn last line from a kill is cut off) and only scores at the end.
@@ -162,7 +162,7 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
 def _run_retrieval(assistant, data: BenchmarkData, cfg: EvalRunConfig) -> dict:
     """Recall@K slide<->caption and zero-shot dominant tissue; {"skipped": reason} when unsupported."""
     try:
-        from slidechat.training.retrieval import Retriever
+        from slidechat.inference.retrieval import Retriever
 
         retriever = Retriever(assistant)
     except (ImportError, SlideChatError, AttributeError, OSError) as exc:
