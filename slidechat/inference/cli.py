@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from slidechat import prompts
+from slidechat.inference.evidence import top_regions
+from slidechat.inference.region import parse_region
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide", required=True, help="slide file (SVS/TIFF/...) or feature file (.h5 / SlideChat .csv)")
     parser.add_argument("--question", "-q", action="append", default=None,
                         help="ask this and exit (repeat for several turns of one conversation)")
+    parser.add_argument("--region", default=None, metavar="X,Y,W,H",
+                        help="answer from the patches inside this level-0 rectangle only (pixels)")
+    parser.add_argument("--evidence", type=int, default=0, metavar="K",
+                        help="after the last answer, print the K most attended regions (level-0 boxes) to stderr")
     parser.add_argument("--report", action="store_true", help="print the structured report and exit")
     parser.add_argument("--heatmap", type=Path, default=None,
                         help="after the last answer, write the per-patch heatmap (JSON: coords, scores) here")
@@ -44,8 +50,9 @@ def _progress():
     return update
 
 
-def _answer(conv, question: str, args, out=sys.stdout) -> str:
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+def _answer(conv, question: str, args, out=None) -> str:
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, region=args.region)
     if args.no_stream:
         text = conv.ask(question, **kw)
         print(text, file=out)
@@ -64,8 +71,15 @@ def _write_heatmap(conv, path: Path) -> None:
     heat = conv.heatmap()
     write_json_atomic(path, {"slide_id": heat.slide_id, "patch_size_level0": heat.patch_size_level0,
                              "has_coords": heat.has_coords, "coords": heat.coords.tolist(),
-                             "scores": [round(float(s), 5) for s in heat.scores]}, indent=None)
+                             "scores": [round(float(s), 5) for s in heat.scores],
+                             "evidence": [r.to_dict() for r in top_regions(heat)]}, indent=None)
     print(f"heatmap: {path}", file=sys.stderr)
+
+
+def _print_evidence(conv, k: int) -> None:
+    for r in conv.evidence(k):
+        x, y, w, h = r.box
+        print(f"evidence {r.rank}: x={x} y={y} w={w} h={h} score={r.score:.3f}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,13 +93,20 @@ def run(args: argparse.Namespace) -> int:
         print(report.to_markdown())
         return 0
     conv = assistant.chat(slide)
+    if args.region is not None:
+        args.region = parse_region(args.region)
+        region_conv = conv.region_conversation(args.region)  # a region without tissue fails here, before any question
+        print(f"region {args.region}: {region_conv.slide.num_patches} patches", file=sys.stderr)
     if args.question:
         for q in args.question:
             if len(args.question) > 1:
                 print(f"> {q}")
             _answer(conv, q, args)
+        shown = conv if args.region is None else conv.region_conversation(args.region)
         if args.heatmap:
-            _write_heatmap(conv, args.heatmap)
+            _write_heatmap(shown, args.heatmap)
+        if args.evidence:
+            _print_evidence(shown, args.evidence)
         return 0
     print(prompts.CHAT_GREETING, file=sys.stderr)
     while True:

@@ -23,6 +23,8 @@ import torch
 from slidechat.errors import SlideChatError
 from slidechat.inference.cache import InferenceCache, resolve
 from slidechat.inference.encode import EncodedSlide, as_encoded_slide
+from slidechat.inference.evidence import DEFAULT_K, EvidenceRegion, top_regions
+from slidechat.inference.region import parse_region, region_slide
 from slidechat.model.llm import cache_kwarg
 from slidechat.model.processor import SLIDE_TOKEN_ID
 from slidechat.model.projector import ProjectorOutput
@@ -118,6 +120,7 @@ class Conversation:
         self._cache = None
         self._fed: list[int] = []  # the token ids whose key/values are in the cache (slide positions = -200)
         self._lock = threading.Lock()
+        self._regions: dict[tuple[int, int, int, int], Conversation] = {}
         self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
 
     @property
@@ -126,21 +129,29 @@ class Conversation:
 
     # ------------------------------------------------------------------ public
     def reset(self) -> None:
-        """Forget the conversation (the slide encoding is kept)."""
+        """Forget the conversation and its region conversations (the slide encoding is kept)."""
+        self._regions = {}
         self.messages = []
         self._cache = None
         self._fed = []
 
     def ask(self, question: str, stream: bool = False, max_new_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-            seed: int | None = None) -> str | Iterator[str]:
+            seed: int | None = None, region=None) -> str | Iterator[str]:
         """Ask a question. Returns the answer, or an iterator of text pieces when ``stream=True``.
 
         Greedy decoding by default (``temperature=0``); the answer is appended to ``messages`` when it is complete
         (or when a stream is abandoned, with what was produced so far).
+
+        ``region=(x, y, w, h)`` (level-0 pixels) answers from the patches inside that rectangle only (slide encoder
+        + projector on that subset), in a conversation of its own per region (``region_conversation``): this
+        conversation's messages and key/value cache are not touched.
         """
         if not isinstance(question, str) or not question.strip():
             raise SlideChatError("the question is empty; type a question about the slide")
+        if region is not None:
+            return self.region_conversation(region).ask(question, stream, max_new_tokens, temperature, top_p,
+                                                        repetition_penalty, seed)
         gen = self._generate(question, max_new_tokens or self.max_new_tokens, temperature, top_p,
                              repetition_penalty, seed)
         return gen if stream else "".join(gen)
@@ -150,6 +161,22 @@ class Conversation:
         from slidechat.inference.heatmap import conversation_heatmap
 
         return conversation_heatmap(self, weighting=weighting)
+
+    def evidence(self, k: int = DEFAULT_K, weighting: str = "llm") -> list[EvidenceRegion]:
+        """The ``k`` most attended non-overlapping regions (level-0 boxes + scores) of the heatmap."""
+        return top_regions(self.heatmap(weighting=weighting), k)
+
+    def region_conversation(self, region) -> "Conversation":
+        """The conversation about the patches inside ``region`` (created on first use, kept for follow-ups)."""
+        key = parse_region(region)
+        with self._lock:
+            conv = self._regions.get(key)
+        if conv is None:
+            conv = Conversation(self.model, region_slide(self.slide, key), kv_reuse=self.kv_reuse,
+                                max_new_tokens=self.max_new_tokens, cache=self.cache)
+            with self._lock:
+                conv = self._regions.setdefault(key, conv)
+        return conv
 
     # ------------------------------------------------------------------ internals
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:

@@ -15,7 +15,9 @@ from typing import Any
 
 from slidechat import prompts
 from slidechat.inference.cache import InferenceCache, resolve
+from slidechat.errors import SlideChatError
 from slidechat.inference.conversation import Conversation, prepare_slide
+from slidechat.inference.evidence import DEFAULT_K
 
 # class key -> spellings recognised in answers (lower case, prefixes allowed)
 _TISSUE_SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -122,39 +124,57 @@ def parse_answers(answers: dict[str, str]) -> dict[str, Any]:
     return f
 
 
+def format_field(value: Any, missing: str = "not determined") -> str:
+    """One report field as text: None -> ``missing``, booleans -> yes/no, lists -> comma-separated, numbers as is."""
+    if value is None:
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) if value else missing
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 @dataclass
 class Report:
-    """``fields`` (parsed), ``text`` (rendered), ``raw_answers`` (question field -> model answer)."""
+    """``fields`` (parsed), ``text`` (rendered), ``raw_answers`` (question field -> model answer), ``evidence``
+    (the most attended regions while the summary was written: ``EvidenceRegion.to_dict()`` rows with level-0
+    ``box`` [x, y, w, h] and ``score``; ``evidence_error`` says why it is empty when it could not be computed)."""
 
     fields: dict[str, Any]
     raw_answers: dict[str, str] = field(default_factory=dict)
     slide_id: str = ""
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    evidence_error: str | None = None
 
     @property
     def text(self) -> str:
         f = self.fields
-
-        def show(v):
-            if v is None:
-                return "not determined"
-            if isinstance(v, bool):
-                return "yes" if v else "no"
-            if isinstance(v, list):
-                return ", ".join(v) if v else "not determined"
-            return str(v)
-
         lesion = "none" if f.get("lesion_present") is False else \
-            f"{show(f.get('lesion_type'))}, {show(f.get('lesion_location'))}"
+            f"{format_field(f.get('lesion_type'))}, {format_field(f.get('lesion_location'))}"
         pct = f.get("tumor_fraction_percent")
         lines = [
-            f"TISSUE TYPES: {show(f.get('tissue_types'))}.",
-            f"DOMINANT TISSUE: {show(f.get('dominant_tissue'))}.",
+            f"TISSUE TYPES: {format_field(f.get('tissue_types'))}.",
+            f"DOMINANT TISSUE: {format_field(f.get('dominant_tissue'))}.",
             f"LESION: {lesion}.",
             f"TUMOUR FRACTION: {'not determined' if pct is None else f'{pct:g}%'}.",
-            f"NECROSIS: {show(f.get('necrosis_present'))}.",
+            f"NECROSIS: {format_field(f.get('necrosis_present'))}.",
             f"SUMMARY: {f.get('summary') or 'not determined'}",
         ]
         return "\n".join(lines)
+
+    def evidence_markdown(self) -> list[str]:
+        """The evidence as Markdown lines (a table of level-0 boxes), or a line saying why there is none."""
+        if not self.evidence:
+            return [f"_Evidence unavailable: {self.evidence_error}_"] if self.evidence_error else []
+        rows = ["**Evidence** (most attended regions, level-0 pixels)", "",
+                "| # | x | y | width | height | score |", "|---|---|---|---|---|---|"]
+        for r in self.evidence:
+            x, y, w, h = r["box"]
+            rows.append(f"| {r['rank']} | {x} | {y} | {w} | {h} | {r['score']:.3f} |")
+        return rows
 
     def to_markdown(self) -> str:
         title = f"## {prompts.REPORT_TITLE}" + (f": {self.slide_id}" if self.slide_id else "")
@@ -162,17 +182,23 @@ class Report:
         for k, v in self.fields.items():
             if k == "summary":
                 continue
-            val = (", ".join(v) or "—") if isinstance(v, list) else ("—" if v is None else str(v))
-            rows.append(f"| {k.replace('_', ' ')} | {val.replace('|', '/')} |")
-        return "\n".join([title, "", *rows, "", "**Summary.** " + (self.fields.get("summary") or "—"), ""])
+            rows.append(f"| {k.replace('_', ' ')} | {format_field(v, missing='—').replace('|', '/')} |")
+        evidence = self.evidence_markdown()
+        return "\n".join([title, "", *rows, "", "**Summary.** " + (self.fields.get("summary") or "—"), "",
+                          *evidence, *([""] if evidence else [])])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"slide_id": self.slide_id, "fields": self.fields, "text": self.text, "raw_answers": self.raw_answers}
+        return {"slide_id": self.slide_id, "fields": self.fields, "text": self.text, "raw_answers": self.raw_answers,
+                "evidence": self.evidence, "evidence_error": self.evidence_error}
 
 
 def generate_report(assistant, slide, max_new_tokens: int = 64, summary_max_new_tokens: int = 160,
-                    questions: dict[str, str] | None = None, cache: InferenceCache | None = None) -> Report:
-    """Ask each targeted question in a fresh conversation (the slide is encoded once) and parse the answers."""
+                    questions: dict[str, str] | None = None, cache: InferenceCache | None = None,
+                    evidence_k: int = DEFAULT_K) -> Report:
+    """Ask each targeted question in a fresh conversation (the slide is encoded once) and parse the answers.
+
+    The evidence is that of the last question's conversation (the summary); if it fails the report keeps its
+    answers and says why in ``evidence_error``."""
     model, cache = resolve(assistant, cache)
     state = prepare_slide(model, slide, cache)
     answers: dict[str, str] = {}
@@ -180,4 +206,10 @@ def generate_report(assistant, slide, max_new_tokens: int = 64, summary_max_new_
         conv = Conversation(model, state.slide, cache=cache)
         limit = summary_max_new_tokens if key == "summary" else max_new_tokens
         answers[key] = conv.ask(question, max_new_tokens=limit)
-    return Report(fields=parse_answers(answers), raw_answers=answers, slide_id=state.slide.slide_id)
+    report = Report(fields=parse_answers(answers), raw_answers=answers, slide_id=state.slide.slide_id)
+    if evidence_k > 0 and answers:
+        try:
+            report.evidence = [r.to_dict() for r in conv.evidence(evidence_k)]
+        except (SlideChatError, RuntimeError, ValueError) as exc:
+            report.evidence_error = f"{type(exc).__name__}: {exc}"
+    return report
