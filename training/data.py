@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from slidechat.errors import DataError
+from slidechat.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ class SlideConversationDataset(torch.utils.data.Dataset):
                 continue
             ids = torch.as_tensor(tok["input_ids"], dtype=torch.long).flatten()
             labels = torch.as_tensor(tok["labels"], dtype=torch.long).flatten()
-            if int((labels != -100).sum()) == 0:
+            if int((labels != IGNORE_INDEX).sum()) == 0:
                 self.skips.add("empty_answer", s.id)
                 continue
             if len(ids) + extra_tokens > max_length:
@@ -372,7 +373,7 @@ class SlideConversationDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads token ids (pad id), labels (-100) and builds the attention mask; drops skipped (None) items."""
+    """Right-pads token ids (pad id), labels (IGNORE_INDEX) and builds the attention mask; drops skipped (None) items."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = int(pad_token_id)
@@ -383,7 +384,7 @@ class Collator:
             return None
         n = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), n), -100, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), n), dtype=torch.long)
         for i, it in enumerate(items):
             L = len(it["input_ids"])

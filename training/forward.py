@@ -14,13 +14,13 @@ from types import SimpleNamespace
 
 import torch.nn.functional as F
 
-from slidechat.training.grounding import grounding_loss, patch_relevance
-
-IGNORE_INDEX = -100
+from slidechat.model import IGNORE_INDEX
+from slidechat.model.llm import base_model
+from slidechat.training.grounding import grounding_loss, has_own_relevance
 
 
 def _decoder_and_head(llm):
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_model(llm)
     decoder = getattr(base, "model", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if decoder is None or head is None:
@@ -30,7 +30,7 @@ def _decoder_and_head(llm):
 
 def fast_forward(model, batch: dict, grounding_weight: float = 0.0, grounding_target: float = 0.5):
     """Loss of one batch (``.loss``; ``.lm_loss`` and ``.grounding_loss`` detached for logging)."""
-    want_attn = grounding_weight > 0 and model.num_slide_tokens is not None and batch.get("patch_targets")
+    want_attn = grounding_weight > 0 and has_own_relevance(model) and batch.get("patch_targets")
     encodings, proj = model.encode_features(batch["slide_features"], batch["slide_coords"],
                                             output_attentions=bool(want_attn))
     embeds, mask, labels = model.build_inputs_embeds(batch["input_ids"], proj.tokens, batch["attention_mask"],
@@ -47,7 +47,7 @@ def fast_forward(model, batch: dict, grounding_weight: float = 0.0, grounding_ta
     loss = lm_loss
     g = None
     if want_attn and proj.cross_attentions:
-        g = grounding_loss(patch_relevance(proj.cross_attentions, encodings), batch["patch_targets"], grounding_target)
+        g = grounding_loss(model.projector.patch_relevance(encodings, proj), batch["patch_targets"], grounding_target)
         if g is not None:
             loss = loss + grounding_weight * g
     return SimpleNamespace(loss=loss, lm_loss=lm_loss.detach(), grounding_loss=None if g is None else g.detach())

@@ -1,8 +1,8 @@
-"""Optional grounding supervision: pull the Q-Former's attention onto annotated patches (e.g. a lesion mask).
+"""Optional grounding supervision: pull the projector's attention onto annotated patches (e.g. a lesion mask).
 
-The heatmap of ``slidechat.inference.heatmap`` is the Q-Former cross-attention averaged over layers, heads and
-queries, mapped back to patches (region and slide mass spread over their patches). This loss uses exactly that
-map: with ``p`` the map normalised to a distribution over patches and ``t`` the per-patch target (fraction of the
+The relevance is the projector's own ``patch_relevance`` (for the Q-Former: cross-attention averaged over layers,
+heads and queries, mapped back to patches) — the same function the heatmap of ``slidechat.inference.heatmap``
+shows. With ``p`` the map normalised to a distribution over patches and ``t`` the per-patch target (fraction of the
 patch inside the annotation), ``loss = relu(log(target_mass) - log(sum p * t / max t))`` — zero once the
 annotated patches hold ``target_mass`` of the attention, so the rest stays free for the other questions. Slides
 without an annotation (all-zero targets) add nothing. Used by the demo recipe with SynthSlide lesion masks.
@@ -15,17 +15,9 @@ import math
 import torch
 
 
-def patch_relevance(cross_attentions: tuple[torch.Tensor, ...], encodings) -> list[torch.Tensor]:
-    """Per-patch relevance [N_i] for each slide from per-layer [B, heads, K, L] cross-attention maps."""
-    maps = torch.stack(cross_attentions, 0).mean(dim=(0, 2, 3))  # [B, L]: mean over layers, heads, queries
-    out = []
-    for b, enc in enumerate(encodings):
-        n, r = enc.num_patches, enc.num_regions
-        s = int(enc.slide_tokens.shape[0])
-        rel = maps[b]
-        region = rel[n:n + r] / enc.region_sizes.to(rel.dtype).clamp_min(1)
-        out.append(rel[:n] + region[enc.region_index] + rel[n + r:n + r + s].sum() / n)
-    return out
+def has_own_relevance(model) -> bool:
+    """Whether the projector's relevance comes from its own attention (so it can be trained without the LLM's)."""
+    return not model.projector.relevance_needs_token_weights
 
 
 def grounding_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | None],
@@ -53,7 +45,7 @@ def forward_with_grounding(model, batch: dict, weight: float, target_mass: float
     out = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
     g = None
     if proj.cross_attentions:
-        g = grounding_loss(patch_relevance(proj.cross_attentions, encodings), batch["patch_targets"], target_mass)
+        g = grounding_loss(model.projector.patch_relevance(encodings, proj), batch["patch_targets"], target_mass)
     if g is not None:
         out.loss = out.loss + weight * g
     out.grounding_loss = None if g is None else g.detach()

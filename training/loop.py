@@ -18,7 +18,7 @@ from slidechat.errors import ConfigError, DataError
 from slidechat.training import model_hooks
 from slidechat.training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
 from slidechat.training.forward import fast_forward
-from slidechat.training.grounding import forward_with_grounding
+from slidechat.training.grounding import forward_with_grounding, has_own_relevance
 from slidechat.training.recipe import StageRecipe, recipe_to_dict
 from slidechat.training.sampler import LengthGroupedBatchSampler
 from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainContext, TrainerSettings
@@ -125,8 +125,8 @@ class LMStage(Stage):
         self.collator = Collator(model_hooks.pad_token_id(model))
         self.slide_tokens = model_hooks.extra_slide_tokens(model) + 1
         self.grounding = cfg.grounding_weight > 0 and recipe.data.grounding_dir is not None
-        if self.grounding and model.num_slide_tokens is None:
-            log.warning("[%s] grounding loss needs the Q-Former projector; ignored", recipe.name)
+        if self.grounding and not has_own_relevance(model):
+            log.warning("[%s] grounding loss needs a projector with its own relevance (qformer); ignored", recipe.name)
             self.grounding = False
         self.fast = cfg.fast_forward and ctx.accelerator.num_processes == 1 and not ctx.sharded
         return model

@@ -1,8 +1,8 @@
 """Everything the training loop needs from the model, through its public API.
 
-The model package (``slidechat.model``) owns the network; training calls the contract in docs/TEAM.md
-(``tokenize_conversation``, ``forward(...).loss``, ``save_pretrained`` / ``from_pretrained``) plus the config
-(``llm.mode`` frozen / lora / full). Which modules train is decided here, per recipe.
+The model package (``slidechat.model``) owns the network; training uses its public API (``tokenize_conversation``,
+``forward(...).loss``, ``encode_features``, ``projector.patch_relevance``, ``save_pretrained`` / ``from_pretrained``)
+plus the config (``llm.mode`` frozen / lora / full). Which modules train is decided here, per recipe.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def llm_param_prefixes(model) -> list[str]:
 
 def enable_gradient_checkpointing(model) -> None:
     """Activation checkpointing in the LLM; inputs need grads so a frozen/LoRA LLM still backpropagates."""
-    llm = model.llm
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    from slidechat.model.llm import base_model
+
+    base = base_model(model.llm)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
 

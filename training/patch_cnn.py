@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP
+from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainContext, TrainerSettings
 from slidechat.utils.io import read_jsonl
 
 log = logging.getLogger("training")
@@ -33,10 +36,15 @@ class PatchCNNTrainConfig:
     input_size: int = 112       # CNN input (patches are resized once when collected)
     embed_dim: int = 64
     channels: tuple[int, ...] = (24, 48, 96, 128)
-    target_mpp: float = 0.5
-    patch_size: int = 224
+    target_mpp: float = DEFAULT_TARGET_MPP
+    patch_size: int = DEFAULT_PATCH_SIZE
     min_purity: float = 0.6
     val_fraction: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.15  # one-cycle schedule: the rising fraction
+
+    def trainer_settings(self) -> TrainerSettings:
+        return TrainerSettings.from_config(self, scheduler="one_cycle", max_grad_norm=None, log_every=10**9)
 
 
 def class_fractions(label_map: np.ndarray, downsample: float, coords: np.ndarray, size_level0: float,
@@ -105,63 +113,99 @@ def collect_patches(synth_dir: str | Path, cfg: PatchCNNTrainConfig) -> tuple[np
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def train_patch_cnn(synth_dir: str | Path, out_path: str | Path, cfg: PatchCNNTrainConfig | None = None) -> dict:
-    """Train DemoCNN on a SynthSlide folder and save it to ``out_path`` (.safetensors). Returns metrics."""
-    from slidechat.encoders.demo_cnn import DemoCNN, DemoCNNConfig, save_demo_cnn
-    from slidechat.synth.classes import LABEL_NAMES
+class PatchCNNStage(Stage):
+    """DemoCNN classifying SynthSlide patches (flip / rotation augmentation); saves one ``.safetensors`` file."""
 
-    cfg = cfg or PatchCNNTrainConfig()
-    t0 = time.perf_counter()
-    x, y = collect_patches(synth_dir, cfg)
-    t_collect = time.perf_counter() - t0
-    torch.manual_seed(cfg.seed)
-    model = DemoCNN(DemoCNNConfig(channels=tuple(cfg.channels), embed_dim=cfg.embed_dim, input_size=cfg.input_size,
-                                  num_classes=len(LABEL_NAMES)))
-    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+    name = "patch-cnn"
+    stage_id = "patch_cnn"
 
-    def prep(batch: np.ndarray, augment: bool, g: torch.Generator | None = None) -> torch.Tensor:
+    def __init__(self, synth_dir: str | Path, out_path: str | Path, cfg: PatchCNNTrainConfig) -> None:
+        self.synth_dir, self.out_path, self.cfg = Path(synth_dir), Path(out_path), cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def build(self, ctx: TrainContext) -> nn.Module:
+        from slidechat.encoders.demo_cnn import DemoCNN, DemoCNNConfig
+        from slidechat.synth.classes import LABEL_NAMES
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.x, self.y = collect_patches(self.synth_dir, cfg)
+        self.collect_s = time.perf_counter() - t0
+        torch.manual_seed(cfg.seed)
+        model = DemoCNN(DemoCNNConfig(channels=tuple(cfg.channels), embed_dim=cfg.embed_dim,
+                                      input_size=cfg.input_size, num_classes=len(LABEL_NAMES)))
+        self.mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+        order = np.random.default_rng(cfg.seed).permutation(len(self.y))
+        n_val = max(1, int(len(self.y) * cfg.val_fraction))
+        self.val_idx, self.train_idx = order[:n_val], order[n_val:]
+        return model
+
+    def _prep(self, batch: np.ndarray, augment: bool) -> torch.Tensor:
         t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
         if augment:  # flips / 90-degree rotations: tissue has no orientation
-            if torch.rand(1, generator=g).item() < 0.5:
+            if torch.rand(1, generator=self.gen).item() < 0.5:
                 t = t.flip(3)
-            t = torch.rot90(t, int(torch.randint(0, 4, (1,), generator=g)), dims=(2, 3))
-        return (t - mean) / std
+            t = torch.rot90(t, int(torch.randint(0, 4, (1,), generator=self.gen)), dims=(2, 3))
+        return (t - self.mean) / self.std
 
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(y))
-    n_val = max(1, int(len(y) * cfg.val_fraction))
-    val, tr = order[:n_val], order[n_val:]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps = cfg.epochs * -(-len(tr) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.15)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    for epoch in range(cfg.epochs):
-        perm = tr[rng.permutation(len(tr))]
-        total, n = 0.0, 0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            logits = model.classify(prep(x[idx], True, g))
-            loss = F.cross_entropy(logits, torch.from_numpy(y[idx]).long())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss) * len(idx)
-            n += len(idx)
-        log.info("[patch-cnn] epoch %d/%d  loss %.4f", epoch + 1, cfg.epochs, total / max(1, n))
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model.classify(prep(x[val[s:s + 256]], False)).argmax(1)
-                          for s in range(0, len(val), 256)]).numpy()
-    acc = float((pred == y[val]).mean())
-    save_demo_cnn(model, out_path)
-    metrics = {"patches": int(len(y)), "class_counts": {LABEL_NAMES[c]: int(k) for c, k in
-                                                        enumerate(np.bincount(y, minlength=len(LABEL_NAMES))) if k},
-               "val_accuracy": round(acc, 4), "epochs": cfg.epochs, "collect_s": round(t_collect, 1),
-               "wall_time_s": round(time.perf_counter() - t0, 1), "weights": str(out_path)}
-    log.info("[patch-cnn] %d patches, held-out patch accuracy %.3f, %.0fs", len(y), acc, metrics["wall_time_s"])
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.train_idx) // self.cfg.batch_size)
+
+    def epoch_batches(self, epoch: int, start: int, ctx: TrainContext):
+        rng = np.random.default_rng(self.cfg.seed)  # one generator's stream over the epochs, replayed
+        rng.permutation(len(self.y))
+        for _ in range(epoch):
+            rng.permutation(len(self.train_idx))
+        perm = self.train_idx[rng.permutation(len(self.train_idx))]
+        bs = self.cfg.batch_size
+        for s in range(start * bs, len(perm), bs):
+            idx = perm[s:s + bs]
+            yield idx if len(idx) >= 2 else None
+
+    def loss(self, module, batch, ctx: TrainContext) -> StepOutput:
+        logits = module.classify(self._prep(self.x[batch], True).to(ctx.device))
+        return StepOutput(F.cross_entropy(logits, torch.from_numpy(self.y[batch]).long().to(ctx.device)), len(batch))
+
+    def on_epoch_end(self, module, epoch: int, mean_loss: float, ctx: TrainContext) -> None:
+        log.info("[patch-cnn] epoch %d/%d  loss %.4f", epoch + 1, self.cfg.epochs, mean_loss)
+
+    def metrics_after(self, module, ctx: TrainContext, interrupted: bool) -> dict:
+        from slidechat.synth.classes import LABEL_NAMES
+
+        module.eval()
+        val = self.val_idx
+        with torch.no_grad():
+            pred = torch.cat([module.classify(self._prep(self.x[val[s:s + 256]], False).to(ctx.device)).argmax(1).cpu()
+                              for s in range(0, len(val), 256)]).numpy()
+        counts = np.bincount(self.y, minlength=len(LABEL_NAMES))
+        return {"patches": int(len(self.y)), "val_accuracy": round(float((pred == self.y[val]).mean()), 4),
+                "class_counts": {LABEL_NAMES[c]: int(k) for c, k in enumerate(counts) if k},
+                "collect_s": round(self.collect_s, 1), "weights": str(self.out_path)}
+
+    def save_final(self, module, ctx: TrainContext) -> None:
+        from slidechat.encoders.demo_cnn import save_demo_cnn
+
+        save_demo_cnn(module, self.out_path)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def train_patch_cnn(synth_dir: str | Path, out_path: str | Path, cfg: PatchCNNTrainConfig | None = None, *,
+                    output_dir: str | Path | None = None, resume: bool = False) -> dict:
+    """Train DemoCNN on a SynthSlide folder and save it to ``out_path`` (.safetensors). Returns metrics.
+
+    Checkpoints and ``log.csv`` go to ``output_dir`` (default: ``<out_path without suffix>-run/``)."""
+    cfg = cfg or PatchCNNTrainConfig()
+    out_path = Path(out_path)
+    run_dir = Path(output_dir) if output_dir else out_path.with_name(out_path.stem + "-run")
+    metrics = Trainer(PatchCNNStage(synth_dir, out_path, cfg), cfg.trainer_settings(), run_dir, resume=resume).fit()
+    metrics.pop("model", None)
+    log.info("[patch-cnn] %d patches, held-out patch accuracy %.3f, %.0fs", metrics["patches"],
+             metrics["val_accuracy"], metrics["wall_time_s"])
     return metrics

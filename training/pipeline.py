@@ -8,7 +8,8 @@ Steps, each skipped when its output is already complete (so ``--resume`` after a
 4. data: ``<out>/data/instructions.json`` (MCQ + report questions + open questions) and grounding targets;
 5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint;
 6. ``export``: the last checkpoint copied to ``export`` (and the CNN to ``slidechat/assets/demo_cnn.safetensors``);
-7. ``evaluate``: closed VQA + pointing game on a fresh SynthSlide set with an unseen seed (``training.measure``).
+7. ``evaluate``: ``slidechat eval run`` (closed VQA per category + pointing game) on a fresh SynthSlide set with an
+   unseen seed; its summary is recorded in ``pipeline.json``, the full results in ``<out>/eval/run/``.
 
 Paths inside stage recipes may use ``{out}`` for the pipeline's output folder.
 """
@@ -26,8 +27,9 @@ from pathlib import Path
 import torch
 
 from slidechat.errors import ConfigError
+from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP, ExtractionConfig
+from slidechat.training.recipe import EvaluateStep, PipelineRecipe, StageRecipe
 from slidechat.utils.io import write_json_atomic
-from slidechat.training.recipe import PipelineRecipe, StageRecipe
 
 log = logging.getLogger("training")
 
@@ -47,7 +49,7 @@ def _subst(value, out: str):
 
 
 def prepare_stage(stage: StageRecipe, out: Path, prev_final: Path | None, cnn_path: Path | None,
-                  embed_dim: int | None, extract) -> StageRecipe:
+                  embed_dim: int | None, extract: ExtractionConfig | None) -> StageRecipe:
     """Fill pipeline paths into a stage: ``{out}``, init_from (previous stage), the patch encoder and feature dim."""
     stage = _subst(copy.deepcopy(stage), str(out))
     if stage.init_from is None and prev_final is not None:
@@ -56,135 +58,191 @@ def prepare_stage(stage: StageRecipe, out: Path, prev_final: Path | None, cnn_pa
         model = stage.model
         if cnn_path is not None:
             model.setdefault("patch_encoder", {"name": "demo-cnn", "weights": str(cnn_path.resolve()),
-                                               "target_mpp": extract.target_mpp if extract else 0.5,
-                                               "patch_size": extract.patch_size if extract else 224})
+                                               "target_mpp": extract.target_mpp if extract else DEFAULT_TARGET_MPP,
+                                               "patch_size": extract.patch_size if extract else DEFAULT_PATCH_SIZE})
         if embed_dim is not None:
             model.setdefault("encoder", {}).setdefault("feature_dim", embed_dim)
     return stage
 
 
-def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False, only: list[str] | None = None) -> dict:
-    """Run every step of a pipeline recipe; returns a summary (also written to ``<out>/pipeline.json``)."""
+class _Run:
+    """One pipeline run: its folders, the summary file (``<out>/pipeline.json``) and what earlier steps made."""
+
+    def __init__(self, recipe: PipelineRecipe, resume: bool) -> None:
+        self.recipe, self.resume = recipe, resume
+        self.out = Path(recipe.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.summary_path = self.out / "pipeline.json"
+        self.summary: dict = json.loads(self.summary_path.read_text()) if resume and self.summary_path.exists() else {}
+        self.summary.setdefault("steps", {})
+        self.synth_dir = self.out / "synth"
+        self.cnn_path = self.out / "patch_cnn.safetensors"
+        self.features_dir = self.out / "features"
+        self.embed_dim: int | None = None
+        self.prev_final: Path | None = None
+
+    @property
+    def cnn(self) -> Path | None:
+        return self.cnn_path if self.cnn_path.exists() else None
+
+    def record(self, name: str, info: dict) -> None:
+        self.summary["steps"][name] = info
+        write_json_atomic(self.summary_path, self.summary)
+
+
+def _synth_step(run: _Run) -> None:
+    step = run.recipe.synth
+    marker = run.synth_dir / "dataset.json"
+    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("seed", "n")} == {"seed": step.seed,
+                                                                                                "n": step.n}:
+        log.info("[pipeline] synth: %s already complete", run.synth_dir)
+        return
+    from slidechat.synth import generate_dataset
+
+    t = time.perf_counter()
+    log.info("[pipeline] synth: %d %s slides, seed %d", step.n, step.size, step.seed)
+    generate_dataset(run.synth_dir, step.n, seed=step.seed, size=step.size)
+    run.record("synth", {"n": step.n, "seed": step.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
+
+
+def _patch_cnn_step(run: _Run) -> None:
+    from slidechat.training.patch_cnn import train_patch_cnn
+
+    cfg, ex = run.recipe.patch_cnn, run.recipe.extract
+    if ex is not None:  # the CNN sees patches cut as extraction will cut them
+        cfg = dataclasses.replace(cfg, target_mpp=ex.target_mpp, patch_size=ex.patch_size)
+    run.embed_dim = cfg.embed_dim
+    if run.cnn_path.exists():
+        log.info("[pipeline] patch CNN: %s already trained", run.cnn_path)
+        return
+    log.info("[pipeline] patch CNN: training on %s", run.synth_dir)
+    run.record("patch_cnn", train_patch_cnn(run.synth_dir, run.cnn_path, cfg, output_dir=run.out / "patch_cnn",
+                                            resume=run.resume))
+
+
+def _extract_step(run: _Run) -> None:
+    from slidechat.encoders import load_encoder
+    from slidechat.features.extract import extract_many
+
+    t = time.perf_counter()
+    encoder = load_encoder("demo-cnn", weights=str(run.cnn) if run.cnn else None)
+    run.embed_dim = int(encoder.embed_dim)
+    summary = extract_many([str(run.synth_dir / "slides")], encoder, run.features_dir, run.recipe.extract)
+    if summary.written or "extract" not in run.summary["steps"]:  # a resume that only skipped keeps the first timing
+        run.record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary)})
+
+
+def _data_step(run: _Run) -> None:
+    from slidechat.training.synth_data import build_demo_instructions, write_grounding_targets
+
+    counts = build_demo_instructions(run.synth_dir, run.out / "data" / "instructions.json", **run.recipe.demo_data)
+    n_targets = write_grounding_targets(run.synth_dir, run.features_dir, run.out / "grounding")
+    run.record("data", {"samples": counts, "grounding_targets": n_targets})
+
+
+def _slide_pretrain_step(run: _Run) -> None:
+    recipe = run.recipe
+    run.prev_final = run.out / "pretrain" / "final"
+    if run.resume and (run.prev_final / "config.json").exists():
+        log.info("[pipeline] slide pretrain: already done (%s)", run.prev_final)
+        return
+    from slidechat.training.model_hooks import build_model
+    from slidechat.training.slide_pretrain import pretrain_slide_encoder
+
+    first = prepare_stage(recipe.stages[0], run.out, None, run.cnn, run.embed_dim, recipe.extract)
+    first.train.train_llm = "frozen"
+    torch.manual_seed(first.train.seed)
+    model = build_model(first)
+    m = pretrain_slide_encoder(model, run.synth_dir, run.features_dir, first.data.grounding_dir,
+                               recipe.slide_pretrain, output_dir=run.out / "pretrain", resume=run.resume)
+    m.pop("model", None)
+    run.record("slide_pretrain", m)
+
+
+STAGE_SUMMARY_KEYS = ("steps", "first_loss", "final_loss", "wall_time_s", "tokens_per_s", "train_samples", "skipped",
+                      "fixed_batches_loss_before", "fixed_batches_loss_after")
+
+
+def _stage_steps(run: _Run) -> None:
     from slidechat.training.loop import train_stage
 
-    if recipe.threads and not torch.cuda.is_available():
-        torch.set_num_threads(recipe.threads)
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary_path = out / "pipeline.json"
-    summary: dict = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
-    summary.setdefault("steps", {})
-    t_all = time.perf_counter()
-
-    def record(name: str, info: dict) -> None:
-        summary["steps"][name] = info
-        write_json_atomic(summary_path, summary)
-
-    synth_dir = out / "synth"
-    if recipe.synth is not None:
-        marker = synth_dir / "dataset.json"
-        if marker.exists() and json.loads(marker.read_text()).get("seed") == recipe.synth.seed \
-                and json.loads(marker.read_text()).get("n") == recipe.synth.n:
-            log.info("[pipeline] synth: %s already complete", synth_dir)
-        else:
-            from slidechat.synth import generate_dataset
-
-            t = time.perf_counter()
-            log.info("[pipeline] synth: %d %s slides, seed %d", recipe.synth.n, recipe.synth.size, recipe.synth.seed)
-            generate_dataset(synth_dir, recipe.synth.n, seed=recipe.synth.seed, size=recipe.synth.size)
-            record("synth", {"n": recipe.synth.n, "seed": recipe.synth.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
-
-    cnn_path = out / "patch_cnn.safetensors"
-    embed_dim = None
-    if recipe.patch_cnn is not None:
-        from slidechat.training.patch_cnn import PatchCNNTrainConfig, train_patch_cnn
-
-        pc = recipe.patch_cnn
-        cfg = PatchCNNTrainConfig(patches_per_slide=pc.patches_per_slide, epochs=pc.epochs, batch_size=pc.batch_size,
-                                  lr=pc.lr, seed=pc.seed, input_size=pc.input_size, embed_dim=pc.embed_dim,
-                                  target_mpp=recipe.extract.target_mpp if recipe.extract else 0.5,
-                                  patch_size=recipe.extract.patch_size if recipe.extract else 224)
-        embed_dim = pc.embed_dim
-        if cnn_path.exists():
-            log.info("[pipeline] patch CNN: %s already trained", cnn_path)
-        else:
-            log.info("[pipeline] patch CNN: training on %s", synth_dir)
-            record("patch_cnn", train_patch_cnn(synth_dir, cnn_path, cfg))
-
-    features_dir = out / "features"
-    if recipe.extract is not None:
-        from slidechat.encoders import load_encoder
-        from slidechat.features.extract import extract_many
-
-        t = time.perf_counter()
-        encoder = load_encoder("demo-cnn", weights=str(cnn_path) if cnn_path.exists() else None)
-        embed_dim = int(encoder.embed_dim)
-        ex = recipe.extract
-        summary_ex = extract_many([str(synth_dir / "slides")], encoder, features_dir, target_mpp=ex.target_mpp,
-                                  patch_size=ex.patch_size, batch_size=ex.batch_size, num_workers=ex.num_workers)
-        if summary_ex.written or "extract" not in summary["steps"]:  # a resume that only skipped keeps the first timing
-            record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary_ex)})
-
-    data_dir = out / "data"
-    if recipe.synth is not None:
-        from slidechat.training.synth_data import build_demo_instructions, write_grounding_targets
-
-        counts = build_demo_instructions(synth_dir, data_dir / "instructions.json", **recipe.demo_data)
-        n_targets = write_grounding_targets(synth_dir, features_dir, out / "grounding")
-        record("data", {"samples": counts, "grounding_targets": n_targets})
-
-    prev_final: Path | None = None
-    if recipe.slide_pretrain is not None and recipe.stages:
-        prev_final = out / "pretrain" / "final"
-        if resume and (prev_final / "config.json").exists():
-            log.info("[pipeline] slide pretrain: already done (%s)", prev_final)
-        else:
-            from slidechat.training.model_hooks import build_model
-            from slidechat.training.slide_pretrain import SlidePretrainConfig, pretrain_slide_encoder
-
-            first = prepare_stage(recipe.stages[0], out, None, cnn_path if cnn_path.exists() else None, embed_dim,
-                                  recipe.extract)
-            first.train.train_llm = "frozen"
-            torch.manual_seed(first.train.seed)
-            model = build_model(first)
-            m = pretrain_slide_encoder(model, synth_dir, features_dir, first.data.grounding_dir,
-                                       SlidePretrainConfig(**recipe.slide_pretrain))
-            model.save_pretrained(prev_final)
-            record("slide_pretrain", m)
-            del model
-    stage_metrics = []
-    for stage in recipe.stages:
-        if prev_final is not None and stage.init_from is None:
+    for stage in run.recipe.stages:
+        if run.prev_final is not None and stage.init_from is None:
             stage = copy.deepcopy(stage)
             stage.model = {}
-        st = prepare_stage(stage, out, prev_final, cnn_path if cnn_path.exists() else None, embed_dim, recipe.extract)
+        st = prepare_stage(stage, run.out, run.prev_final, run.cnn, run.embed_dim, run.recipe.extract)
         final = Path(st.output_dir) / "final"
-        if resume and (Path(st.output_dir) / "metrics.json").exists() and (final / "config.json").exists():
+        if run.resume and (Path(st.output_dir) / "metrics.json").exists() and (final / "config.json").exists():
             log.info("[pipeline] %s: already trained (%s)", st.name, final)
             m = json.loads((Path(st.output_dir) / "metrics.json").read_text())
         else:
-            m = train_stage(st, resume=resume)
+            m = train_stage(st, resume=run.resume)
             m.pop("model", None)
-        stage_metrics.append(m)
-        record(st.name, {k: m.get(k) for k in ("steps", "first_loss", "final_loss", "wall_time_s", "tokens_per_s",
-                                               "train_samples", "skipped", "fixed_batches_loss_before",
-                                               "fixed_batches_loss_after")})
-        prev_final = final
+        run.record(st.name, {k: m.get(k) for k in STAGE_SUMMARY_KEYS})
+        run.prev_final = final
 
-    if recipe.export and prev_final is not None:
-        export_checkpoint(prev_final, Path(recipe.export), cnn_path if cnn_path.exists() else None)
-        record("export", {"path": recipe.export, "size_mb": round(dir_size(Path(recipe.export)) / 1e6, 2)})
 
-    summary["wall_time_s"] = round(time.perf_counter() - t_all + summary.get("wall_time_s_before", 0.0), 1)
-    write_json_atomic(summary_path, summary)
+def evaluation_summary(results: dict) -> dict:
+    """The pipeline's record of an ``eval run``: overall and per-category closed-VQA accuracy, pointing game."""
+    out: dict = {}
+    vqa = results.get("closed_vqa")
+    if vqa:
+        out["closed_vqa_accuracy"] = round(float(vqa["overall"]["accuracy"]), 4)
+        out["questions"] = int(vqa["overall"]["n"])
+        out["per_category"] = {c: {"accuracy": round(float(e["accuracy"]), 4), "n": int(e["n"])}
+                               for c, e in sorted(vqa.get("narrow_category", {}).items())}
+        out["unparseable"] = len(vqa.get("unparseable", []))
+    g = results.get("grounding")
+    if g and g.get("n"):
+        out["pointing_game_mask"] = round(float(g["pointing_game"]), 4)
+        out["mass_in_lesion"] = round(float(g["mass_in_lesion"]), 4)
+        out["lesion_slides"] = int(g["n"])
+    return out
 
-    if recipe.evaluate and prev_final is not None:
-        from slidechat.training.measure import measure_checkpoint
 
-        ev = dict(recipe.evaluate)
-        res = measure_checkpoint(Path(recipe.export or prev_final), out / "eval", **ev)
-        record("evaluate", res["summary"])
+def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> dict:
+    """Generate (or reuse) the fresh SynthSlide set and run the evaluation runner on it; returns the summary."""
+    from slidechat.evaluation.runner import EvalRunConfig, run_evaluation
+    from slidechat.synth import generate_dataset
+
+    synth_dir = Path(step.synth_dir) if step.synth_dir else out_dir / f"synth-seed{step.seed}"
+    if not (synth_dir / "dataset.json").exists():
+        generate_dataset(synth_dir, step.n, seed=step.seed, size=step.size)
+    results = run_evaluation(EvalRunConfig(checkpoint=str(checkpoint), data=str(synth_dir), out_dir=str(out_dir / "run"),
+                                           tasks=list(step.tasks), mcq_max_new_tokens=step.max_new_tokens,
+                                           cache_dir=str(out_dir / "feature-cache"), progress=False))
+    summary = {"checkpoint": str(checkpoint), "eval_seed": step.seed, "slides": len(list(
+        (synth_dir / "slides").iterdir())) if (synth_dir / "slides").is_dir() else None, **evaluation_summary(results)}
+    log.info("[pipeline] evaluation: %s", json.dumps(summary))
     return summary
+
+
+def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False) -> dict:
+    """Run every step of a pipeline recipe; returns a summary (also written to ``<out>/pipeline.json``)."""
+    if recipe.threads and not torch.cuda.is_available():
+        torch.set_num_threads(recipe.threads)
+    run = _Run(recipe, resume)
+    t_all = time.perf_counter()
+    if recipe.synth is not None:
+        _synth_step(run)
+    if recipe.patch_cnn is not None:
+        _patch_cnn_step(run)
+    if recipe.extract is not None:
+        _extract_step(run)
+    if recipe.synth is not None:
+        _data_step(run)
+    if recipe.slide_pretrain is not None and recipe.stages:
+        _slide_pretrain_step(run)
+    _stage_steps(run)
+    if recipe.export and run.prev_final is not None:
+        export_checkpoint(run.prev_final, Path(recipe.export), run.cnn)
+        run.record("export", {"path": recipe.export, "size_mb": round(dir_size(Path(recipe.export)) / 1e6, 2)})
+    run.summary["wall_time_s"] = round(time.perf_counter() - t_all + run.summary.get("wall_time_s_before", 0.0), 1)
+    write_json_atomic(run.summary_path, run.summary)
+    if recipe.evaluate is not None and run.prev_final is not None:
+        run.record("evaluate", evaluate_checkpoint(Path(recipe.export or run.prev_final), run.out / "eval",
+                                                   recipe.evaluate))
+    return run.summary
 
 
 def _plain(obj):

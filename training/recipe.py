@@ -18,6 +18,10 @@ from typing import Any
 import yaml
 
 from slidechat.errors import ConfigError
+from slidechat.slide.config import ExtractionConfig
+from slidechat.training.patch_cnn import PatchCNNTrainConfig
+from slidechat.training.slide_pretrain import SlidePretrainConfig
+from slidechat.training.trainer import TrainerSettings
 
 
 @dataclass
@@ -56,19 +60,10 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int | None = None            # optimizer steps; overrides epochs when set
-    batch_size: int = 4                     # per device
-    grad_accum: int = 1
-    lr: float = 1e-4
+class TrainConfig(TrainerSettings):
+    """A stage's ``train`` section: the trainer's settings plus what the LLM stages train and how."""
+
     lr_llm: float | None = None             # separate LR for LoRA/LLM params (default: lr)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"               # any transformers get_scheduler name
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    mixed_precision: str = "auto"           # auto: bf16 on GPUs that support it, else fp16 on GPU, no on CPU
     gradient_checkpointing: bool = False
     fast_forward: bool = True               # LM head only on labelled positions (one process; same loss)
     train_llm: str = "frozen"               # frozen | lora | full
@@ -76,13 +71,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     group_by_length: bool = True
     num_workers: int = 0
-    save_every: int = 0                     # optimizer steps; 0 = only at the end
-    keep_last: int = 2
-    log_every: int = 10
-    grounding_weight: float = 0.0           # > 0: Q-Former attention pulled onto data.grounding_dir targets
-    grounding_target: float = 0.5           # attention mass on the targets at which that loss stops
+    grounding_weight: float = 0.0           # > 0: projector relevance pulled onto data.grounding_dir targets
+    grounding_target: float = 0.5           # relevance mass on the targets at which that loss stops
     eval_batches: int = 0                   # loss on the first N batches (fixed order) before and after training
-    threads: int | None = None              # torch.set_num_threads on CPU
 
 
 @dataclass
@@ -113,22 +104,16 @@ class SynthStep:
 
 
 @dataclass
-class PatchCNNStep:
-    patches_per_slide: int = 64
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-    input_size: int = 112
-    embed_dim: int = 64
+class EvaluateStep:
+    """The pipeline's last step: ``slidechat eval run`` (closed VQA per category + pointing game) on a fresh
+    SynthSlide set (a seed training never saw), generated in ``<out>/eval/synth-seed<seed>`` unless ``synth_dir``."""
 
-
-@dataclass
-class ExtractStep:
-    target_mpp: float = 0.5
-    patch_size: int = 224
-    batch_size: int = 64
-    num_workers: int = 0
+    n: int = 24
+    seed: int = 98765
+    size: str = "tiny"
+    synth_dir: str | None = None
+    max_new_tokens: int = 16                # closed-VQA answer length
+    tasks: list[str] = field(default_factory=lambda: ["closed_vqa", "grounding"])
 
 
 @dataclass
@@ -138,13 +123,13 @@ class PipelineRecipe:
     name: str = "pipeline"
     output_dir: str = "runs/pipeline"
     synth: SynthStep | None = None
-    patch_cnn: PatchCNNStep | None = None
-    extract: ExtractStep | None = None
+    patch_cnn: PatchCNNTrainConfig | None = None
+    extract: ExtractionConfig | None = None
     stages: list[StageRecipe] = field(default_factory=list)
-    slide_pretrain: dict[str, Any] | None = None  # training.slide_pretrain.SlidePretrainConfig (before stage 1)
+    slide_pretrain: SlidePretrainConfig | None = None  # before stage 1
     demo_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_demo_instructions options
     export: str | None = None
-    evaluate: dict[str, Any] = field(default_factory=dict)   # training.measure.measure_checkpoint options
+    evaluate: EvaluateStep | None = None
     threads: int | None = None
 
 

@@ -12,7 +12,6 @@ starts from.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from torch import nn
 
 from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
-from slidechat.training.grounding import grounding_loss, patch_relevance
+from slidechat.training.grounding import grounding_loss
+from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainContext, TrainerSettings
 
 log = logging.getLogger("training")
 
@@ -88,6 +88,11 @@ class SlidePretrainConfig:
     val_fraction: float = 0.1
     augment: bool = True          # random flips / transpose of the patch coords (quadrant targets follow)
     seed: int = 0
+    warmup_ratio: float = 0.1     # one-cycle schedule: the rising fraction
+    max_grad_norm: float | None = 1.0
+
+    def trainer_settings(self) -> TrainerSettings:
+        return TrainerSettings.from_config(self, scheduler="one_cycle", log_every=10**9)
 
 
 def dihedral(coords: torch.Tensor, target: dict, flip_x: bool, flip_y: bool, transpose: bool
@@ -154,7 +159,7 @@ def _batch_loss(model, heads, items, targets, cfg, train: bool, gen: torch.Gener
             correct[k] = (lg.argmax(1) == t).float()
     g = None
     if cfg.grounding_weight > 0 and proj.cross_attentions:
-        g = grounding_loss(patch_relevance(proj.cross_attentions, encodings), gts, cfg.grounding_target)
+        g = grounding_loss(model.projector.patch_relevance(encodings, proj), gts, cfg.grounding_target)
         if g is not None:
             loss = loss + cfg.grounding_weight * g
     return loss, correct, g
@@ -193,54 +198,104 @@ def attribute_accuracy(model, heads, data: list, cfg: SlidePretrainConfig, batch
     return {k: round(float(torch.cat(v).mean()), 3) for k, v in hits.items()}
 
 
-def pretrain_slide_encoder(model, synth_dir: str | Path, features_dir: str | Path, grounding_dir: str | Path | None,
-                           cfg: SlidePretrainConfig, val_data: list | None = None) -> dict:
-    """Train ``model.slide_encoder`` + ``model.projector`` in place on SynthSlide truth; returns metrics.
+class _WithHeads(nn.Module):
+    """The assistant and the attribute heads as one trainable (and checkpointed) module."""
+
+    def __init__(self, assistant, heads: AttributeHeads) -> None:
+        super().__init__()
+        self.assistant = assistant
+        self.heads = heads
+
+
+class SlidePretrainStage(Stage):
+    """Slide encoder + projector taught SynthSlide facts through attribute heads; the LLM stays frozen.
 
     ``val_data`` (from :func:`load_slides`, e.g. a SynthSlide set with another seed) is scored at the end; without
-    it ``val_fraction`` of the training slides are held out."""
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    data = load_slides(synth_dir, features_dir, grounding_dir)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(data))
-    n_val = 0 if val_data is not None else (max(1, int(round(len(data) * cfg.val_fraction))) if len(data) > 4 else 0)
-    val, tr = order[:n_val], order[n_val:]
-    if val_data is None:
-        val_data = [data[i] for i in val]
-    heads = AttributeHeads(model.num_slide_tokens, model.llm.get_input_embeddings().weight.shape[1])
-    model.slide_encoder.requires_grad_(True)
-    model.projector.requires_grad_(True)
-    model.llm.requires_grad_(False)
-    params = list(model.slide_encoder.parameters()) + list(model.projector.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(tr) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.1)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    heads.train()
-    for epoch in range(cfg.epochs):
-        perm = tr[rng.permutation(len(tr))]
-        tot, n = 0.0, 0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
-            loss, _, g = _batch_loss(model, heads, [data[i][0] for i in idx], [data[i][1] for i in idx], cfg, True, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(idx)
-            n += len(idx)
-        if (epoch + 1) % max(1, cfg.epochs // 8) == 0 or epoch == cfg.epochs - 1:
-            acc = attribute_accuracy(model, heads, val_data, cfg) if val_data else {}
-            model.train()
-            heads.train()
-            log.info("[slide-pretrain] epoch %d/%d loss %.4f%s %s", epoch + 1, cfg.epochs, tot / max(1, n),
-                     f" grounding {float(g.detach()):.3f}" if g is not None else "", f"held-out {acc}" if acc else "")
-    val_acc = attribute_accuracy(model, heads, val_data, cfg) if val_data else {}
-    model.eval()
-    metrics = {"slides": len(data), "val_slides": len(val_data), "epochs": cfg.epochs,
-               "held_out_attribute_accuracy": val_acc, "wall_time_s": round(time.perf_counter() - t0, 1)}
-    log.info("[slide-pretrain] %s", metrics)
+    it ``val_fraction`` of the training slides are held out. The heads are discarded; ``final/`` is a checkpoint."""
+
+    name = "slide-pretrain"
+    stage_id = "slide_pretrain"
+
+    def __init__(self, model, synth_dir: str | Path, features_dir: str | Path, grounding_dir: str | Path | None,
+                 cfg: SlidePretrainConfig, val_data: list | None = None) -> None:
+        self.model, self.cfg = model, cfg
+        self.paths = (synth_dir, features_dir, grounding_dir)
+        self.val_data = val_data
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def build(self, ctx: TrainContext) -> nn.Module:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.data = load_slides(*self.paths)
+        self.order = np.random.default_rng(cfg.seed).permutation(len(self.data))
+        n = len(self.data)
+        n_val = 0 if self.val_data is not None else (max(1, int(round(n * cfg.val_fraction))) if n > 4 else 0)
+        self.train_idx = self.order[n_val:]
+        if self.val_data is None:
+            self.val_data = [self.data[i] for i in self.order[:n_val]]
+        model = self.model
+        heads = AttributeHeads(model.num_slide_tokens, model.llm.get_input_embeddings().weight.shape[1])
+        model.slide_encoder.requires_grad_(True)
+        model.projector.requires_grad_(True)
+        model.llm.requires_grad_(False)
+        return _WithHeads(model, heads)
+
+    def param_groups(self, module, settings: TrainerSettings) -> list[dict]:
+        m = module.assistant
+        params = list(m.slide_encoder.parameters()) + list(m.projector.parameters()) + list(module.heads.parameters())
+        return [{"params": params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.train_idx) // self.cfg.batch_size)
+
+    def epoch_batches(self, epoch: int, start: int, ctx: TrainContext):
+        # the permutation stream of one generator over the epochs (replayed, so a resume sees the same order)
+        rng = np.random.default_rng(self.cfg.seed)
+        rng.permutation(len(self.data))
+        for _ in range(epoch):
+            rng.permutation(len(self.train_idx))
+        perm = self.train_idx[rng.permutation(len(self.train_idx))]
+        bs = self.cfg.batch_size
+        for s in range(start * bs, len(perm), bs):
+            yield perm[s:s + bs]
+
+    def loss(self, module, batch, ctx: TrainContext) -> StepOutput:
+        loss, _, _ = _batch_loss(module.assistant, module.heads, [self.data[i][0] for i in batch],
+                                 [self.data[i][1] for i in batch], self.cfg, True, self.gen)
+        return StepOutput(loss, len(batch))
+
+    def on_epoch_end(self, module, epoch: int, mean_loss: float, ctx: TrainContext) -> None:
+        epochs = self.cfg.epochs
+        if (epoch + 1) % max(1, epochs // 8) == 0 or epoch == epochs - 1:
+            acc = attribute_accuracy(module.assistant, module.heads, self.val_data, self.cfg) if self.val_data else {}
+            log.info("[slide-pretrain] epoch %d/%d loss %.4f %s", epoch + 1, epochs, mean_loss,
+                     f"held-out {acc}" if acc else "")
+
+    def metrics_after(self, module, ctx: TrainContext, interrupted: bool) -> dict:
+        acc = attribute_accuracy(module.assistant, module.heads, self.val_data, self.cfg) if self.val_data else {}
+        module.assistant.eval()
+        return {"slides": len(self.data), "val_slides": len(self.val_data), "held_out_attribute_accuracy": acc}
+
+    def save_final(self, module, ctx: TrainContext) -> None:
+        module.assistant.save_pretrained(ctx.output_dir / "final")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def result(self, module):
+        return module.assistant
+
+
+def pretrain_slide_encoder(model, synth_dir: str | Path, features_dir: str | Path, grounding_dir: str | Path | None,
+                           cfg: SlidePretrainConfig, val_data: list | None = None, *, output_dir: str | Path,
+                           resume: bool = False) -> dict:
+    """Train ``model.slide_encoder`` + ``model.projector`` in place on SynthSlide truth; ``output_dir/final`` gets
+    the checkpoint. Returns the trainer's metrics (``model``: the assistant)."""
+    stage = SlidePretrainStage(model, synth_dir, features_dir, grounding_dir, cfg, val_data)
+    metrics = Trainer(stage, cfg.trainer_settings(), output_dir, resume=resume).fit()
+    log.info("[slide-pretrain] %s", {k: v for k, v in metrics.items() if k != "model"})
     return metrics

@@ -21,15 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slidechat.errors import CheckpointError, ConfigError
+from slidechat.model.llm import base_model
 
 RETRIEVAL_WEIGHTS = "retrieval.safetensors"
 RETRIEVAL_CONFIG = "retrieval.json"
 TEXT_ENCODERS = ("minilm", "llm")
-
-
-def _unwrap_llm(llm):
-    """The transformers model under a peft wrapper (the LLM itself when it has none)."""
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 class TextEncoder:
@@ -54,7 +50,7 @@ class TextEncoder:
             if assistant is None:
                 raise ConfigError("text_encoder 'llm' needs the assistant")
             self.tokenizer = assistant.tokenizer
-            llm = _unwrap_llm(assistant.llm)
+            llm = base_model(assistant.llm)
             self.model = llm.model
             self.dim = int(llm.config.hidden_size)
         else:

@@ -40,10 +40,12 @@ def test_concept_heads_learn_the_training_slides(synth_dataset, tiny_model_confi
 
     truth = [SYNTH_CONCEPT_TARGETS["fragments"](a) for _, a in data]
     before = loss_now()
-    metrics = pretrain_slide_encoder(model, synth_dataset, feats_dir, tmp_path / "grounding", pc, val_data=data)
+    metrics = pretrain_slide_encoder(model, synth_dataset, feats_dir, tmp_path / "grounding", pc, val_data=data,
+                                     output_dir=tmp_path / "pretrain")
     acc = metrics["held_out_attribute_accuracy"]  # scored on the training slides here: memorised
     assert acc["concept_present_tumor"] == 1.0 and acc["concept_fragments"] == 1.0 and acc["concept_lesion_row"] == 1.0
     assert loss_now() < before
+    assert (tmp_path / "pretrain" / "final" / "config.json").is_file() and metrics["steps"] == 40
     model.eval()
     with torch.no_grad():
         _, proj = model.encode_features([d[0][0] for d in data], [d[0][1] for d in data])
