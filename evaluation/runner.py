@@ -30,7 +30,8 @@ from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_results_
 from slidechat.evaluation.scoring import TextScoreConfig, score_text
 from slidechat.evaluation.slidebench import format_mcq_prompt
 from slidechat.errors import ConfigError, DataError, SlideChatError
-from slidechat.utils.io import BadLines, JsonlLog, read_jsonl, write_json_atomic, write_jsonl_atomic
+from slidechat.utils.io import (BadLines, JsonlLog, read_jsonl, remove_stale_temp_files, write_json_atomic,
+                                write_jsonl_atomic)
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, LockFolder
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _check_run_meta(out: Path, meta: dict, create: bool = True) -> None:
 
 
 def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData, out: Path,
-            overlays_left: list[int]) -> dict:
+            overlay_slides: set[str]) -> dict:
     """Run one unit; returns the fields to log (output text, fields, grounding metrics...)."""
     task = unit["task"]
     if task == "closed_vqa":
@@ -143,7 +144,7 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
         hm = assistant.chat(enc).heatmap()
         metrics = grounding_metrics(hm.scores, hm.coords, hm.patch_size_level0,
                                     load_mask(data.lesion_mask_path(unit["slide_id"])), float(truth["mask_downsample"]))
-        if overlays_left[0] > 0 and data.slides.get(unit["slide_id"]):
+        if unit["slide_id"] in overlay_slides and data.slides.get(unit["slide_id"]):
             try:
                 from slidechat.utils.figures import heatmap_overlay, save_image_atomic, slide_thumbnail
 
@@ -152,7 +153,6 @@ def _answer(assistant, enc, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
                 rel = Path("overlays") / f"{unit['slide_id']}.png"
                 save_image_atomic(img, out / rel)
                 metrics["overlay"] = str(rel)
-                overlays_left[0] -= 1
             except Exception as exc:  # a figure never fails the metric
                 log.warning("overlay for %s failed: %s", unit["slide_id"], exc)
         return metrics
@@ -230,7 +230,7 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
         results["grounding"]["per_slide"] = {r["id"]: {k: r[k] for k in ("pointing_hit", "mass_in_lesion",
                                                                           "chance_pointing", "chance_mass")}
                                              for r in ok}
-        results["grounding"]["overlays"] = [r["overlay"] for r in ok if r.get("overlay")]
+        results["grounding"]["overlays"] = sorted(r["overlay"] for r in ok if r.get("overlay"))
     return results, scored
 
 
@@ -246,7 +246,7 @@ def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig):
 
 
 def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
-              out: Path, overlays_left: list[int]) -> dict:
+              out: Path, overlay_slides: set[str]) -> dict:
     """The log record of one unit (status ok, or error with the reason)."""
     t0 = time.perf_counter()
     record = {k: unit[k] for k in ("task", "id", "slide_id")}
@@ -256,7 +256,7 @@ def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunCon
         record.update(status="error", error=enc_error, output=None)
     else:
         try:
-            record.update(_answer(assistant, enc, unit, cfg, data, out, overlays_left), status="ok")
+            record.update(_answer(assistant, enc, unit, cfg, data, out, overlay_slides), status="ok")
         except Exception as exc:
             log.warning("%s %s failed: %s", unit["task"], unit["id"], exc)
             record.update(status="error", error=f"{type(exc).__name__}: {exc}", output=None)
@@ -271,7 +271,8 @@ def _run_units(assistant, units: list[dict], plog: JsonlLog, cfg: EvalRunConfig,
     from tqdm.auto import tqdm
 
     locks = LockFolder(out / LOCK_DIR, stale_after_s=cfg.lock_stale_s)
-    overlays_left = [max(0, cfg.n_overlays - sum(1 for r in plog.records if r.get("overlay")))]
+    # the first n grounding slides in data order get an overlay, whichever worker (or resumed run) answers them
+    overlay_slides = set([sid for sid in data.slides if data.lesion_mask_path(sid) is not None][: cfg.n_overlays])
     bar = tqdm(total=len(units), unit="item", desc="eval", disable=not cfg.progress)
     try:
         for sid, group in itertools.groupby(units, key=lambda u: u["slide_id"]):
@@ -284,16 +285,20 @@ def _run_units(assistant, units: list[dict], plog: JsonlLog, cfg: EvalRunConfig,
                 todo = [u for u in group if _key(u) not in plog]
                 enc, enc_error = _encode_for(assistant, data, sid, cfg) if todo else (None, None)
                 for unit in todo:
-                    plog.append(_run_unit(assistant, enc, enc_error, unit, cfg, data, out, overlays_left))
+                    plog.append(_run_unit(assistant, enc, enc_error, unit, cfg, data, out, overlay_slides))
                     bar.update(1)
     finally:
         bar.close()
     locks.remove_folder_if_empty()
 
 
-def _score_and_write(assistant, data: BenchmarkData, plog: JsonlLog, tasks: list[str], meta: dict,
-                     cfg: EvalRunConfig, out: Path) -> dict:
-    results, scored = score_run(data, plog.latest(), cfg)
+def _score_and_write(assistant, data: BenchmarkData, plog: JsonlLog, units: list[dict], tasks: list[str],
+                     meta: dict, cfg: EvalRunConfig, out: Path) -> dict:
+    latest = plog.latest()
+    # scored in work-item order, not log order: several workers (or a resume) give the same sums bit for bit
+    rank = {_key(u): i for i, u in enumerate(units)}
+    ordered = dict(sorted(latest.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    results, scored = score_run(data, ordered, cfg)
     if "retrieval" in tasks:
         results["retrieval"] = _run_retrieval(assistant, data, cfg)
     notes = [f"retrieval skipped: {results['retrieval']['skipped']}"] if results.get("retrieval", {}).get("skipped") \
@@ -339,7 +344,8 @@ def run_evaluation(cfg: EvalRunConfig) -> dict:
     pending = [u for u in all_units if _key(u) not in plog]
     if pending:
         return {"meta": meta, "pending": len(pending)}
-    return _score_and_write(assistant, data, plog, tasks, meta, cfg, out)
+    remove_stale_temp_files(out)  # from workers killed mid-write
+    return _score_and_write(assistant, data, plog, all_units, tasks, meta, cfg, out)
 
 
 def read_predictions(out_dir: str | Path) -> list[dict]:

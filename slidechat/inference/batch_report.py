@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from slidechat.errors import ConfigError, DataError, SlideChatError
-from slidechat.utils.io import BadLines, JsonlLog, compact_jsonl, read_csv_rows, read_jsonl, sha256_file
+from slidechat.utils.io import (BadLines, JsonlLog, compact_jsonl, read_csv_rows, read_jsonl,
+                                remove_stale_temp_files, sha256_file)
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, ItemLock, LockFolder, safe_file_name
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ def _finish(out: Path, all_jobs: list[SlideJob], log_: JsonlLog, locks: LockFold
             compact_jsonl(log_.path, key=lambda r: r.get("id"), order=order)
         write_index(out, [latest[j.id] for j in all_jobs], model)
         locks.remove_folder_if_empty()
+        remove_stale_temp_files(out)  # from workers killed mid-write
     done = [latest[j.id] for j in all_jobs if j.id in latest]
     return {"records": len(done), "ok_total": sum(r.get("status") == "ok" for r in done),
             "error_total": sum(r.get("status") != "ok" for r in done), "merged": complete,

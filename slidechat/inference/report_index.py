@@ -7,6 +7,7 @@ import datetime as _dt
 import html
 from pathlib import Path
 
+from slidechat.inference.report import format_field
 from slidechat.utils.io import write_text_atomic
 
 CSS = """
@@ -23,16 +24,6 @@ table.fields{border-collapse:collapse;font-size:.9rem} table.fields td{border-bo
 
 def _e(value) -> str:
     return html.escape("" if value is None else str(value))
-
-
-def _field_value(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, list):
-        return ", ".join(map(str, v)) or "—"
-    return str(v)
 
 
 def _card(rec: dict) -> str:
@@ -54,7 +45,7 @@ def _card(rec: dict) -> str:
         body.append(f"<pre>{_e(rec.get('error'))}</pre>")
     else:
         fields = rec.get("fields") or {}
-        rows = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(_field_value(v))}</td></tr>"
+        rows = "".join(f"<tr><td>{_e(k.replace('_', ' '))}</td><td>{_e(format_field(v, missing='—'))}</td></tr>"
                        for k, v in fields.items() if k != "summary")
         body.append(f'<table class="fields">{rows}</table>')
         body.append(f"<pre>{_e(rec.get('report_text'))}</pre>")

@@ -22,6 +22,8 @@ import io
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    # the writer's host and pid in the name let a later run remove what a killed writer left
+    prefix = f".{path.name}.{_safe_host(socket.gethostname())}-{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,6 +60,30 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, older_than_s: float = 3600.0) -> int:
+    """Delete temp files of atomic writes (``.NAME.HOST-PID.XXXXXXXX.SUFFIX``) under ``folder`` whose writer is
+    gone: a process of this host that no longer runs, or one of another host older than ``older_than_s``."""
+    import time
+
+    from slidechat.utils.locks import process_alive
+
+    host, now, removed = socket.gethostname(), time.time(), 0
+    for tmp in Path(folder).rglob(".*"):
+        m = re.search(r"\.([A-Za-z0-9_]+)-(\d+)\.[a-z0-9_]{8}\.[A-Za-z0-9]+$", tmp.name)
+        if m is None or not tmp.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            mine = m.group(1) == _safe_host(host)
+            if (mine and not process_alive(int(m.group(2)))) or (not mine and now - tmp.stat().st_mtime > older_than_s):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _safe_host(host: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", host) or "host"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -40,7 +40,8 @@ def safe_file_name(key: str) -> str:
     return clean if clean == key else f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -127,7 +128,7 @@ class LockFolder:
         return self.folder / f"{safe_file_name(key)}{LOCK_SUFFIX}"
 
     def is_stale(self, info: LockInfo) -> bool:
-        if info.pid is not None and info.host == self.host and not _process_alive(info.pid):
+        if info.pid is not None and info.host == self.host and not process_alive(info.pid):
             return True
         return info.age_s > self.stale_after_s
 

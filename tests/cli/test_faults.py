@@ -284,7 +284,7 @@ def test_bad_input_cli(case: Case, fault_fixtures, tmp_path, capsys):
         assert _snapshot(out) == before  # nothing written, nothing removed
     else:
         assert not out.exists()
-    assert not list(tmp_path.rglob(".*.tmp"))  # no temp file of an atomic write left anywhere
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp file of an atomic write left anywhere
 
 
 # ------------------------------------------------------------------------------------------- the Python API

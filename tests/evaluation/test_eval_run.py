@@ -85,7 +85,7 @@ def test_eval_run_synth_all_tasks_and_resume(synth_dataset, tiny_checkpoint_dir,
 
 def test_eval_run_retrieval_with_stage0_heads(synth_dataset, tiny_checkpoint_dir, feature_cache, tmp_path):
     """A checkpoint with (random) stage-0 retrieval heads gets recall@K and zero-shot numbers."""
-    from slidechat.training.contrastive import RetrievalHeads, save_retrieval_heads
+    from slidechat.model.retrieval import RetrievalHeads, save_retrieval_heads
 
     ckpt = tmp_path / "ckpt_with_heads"
     shutil.copytree(tiny_checkpoint_dir, ckpt)
