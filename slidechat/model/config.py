@@ -1,7 +1,8 @@
 """Dataclass configs of the model: slide encoder, projector (Q-Former or linear), LLM, and the whole assistant.
 
-All of them round-trip through plain dicts (``to_dict`` / ``from_dict``) so a checkpoint's ``config.json`` is
-readable and editable by hand. Unknown keys raise ``ConfigError`` (a typo must not be silently ignored).
+All of them round-trip through plain dicts (``to_dict`` / ``from_dict``, the one loader of
+``slidechat.utils.config``) so a checkpoint's ``config.json`` is readable and editable by hand. Unknown keys raise
+``ConfigError`` naming the key (a typo must not be silently ignored).
 """
 
 from __future__ import annotations
@@ -11,21 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slidechat.errors import ConfigError
+from slidechat.utils.config import ConfigMixin, config_from_dict
 
 CONFIG_FORMAT_VERSION = 1
 
 
-def _from_dict(cls, data: dict[str, Any] | None):
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options are {sorted(names)}")
-    return cls(**data)
-
-
 @dataclass
-class SlideEncoderConfig:
+class SlideEncoderConfig(ConfigMixin):
     """HierarchicalSlideEncoder: patch tokens -> region tokens (k x k windows) -> slide tokens.
 
     ``feature_dim`` is the patch encoder's output size (512 for CONCH / SlideChat CSVs, 1024 for UNI).
@@ -59,15 +52,10 @@ class SlideEncoderConfig:
         """Slide tokens the encoder emits: the learned ones, then the layout-map ones."""
         return self.num_slide_tokens + (self.num_layout_tokens if self.layout_grid else 0)
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "SlideEncoderConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass
-class QFormerConfig:
+class QFormerConfig(ConfigMixin):
     """BLIP-2 style Q-Former (post-LayerNorm BERT layers; same parameter names as ``Blip2QFormerModel``).
 
     ``encoder_hidden_size`` must equal the slide encoder's hidden size (set by ``SlideAssistantConfig``).
@@ -101,15 +89,10 @@ class QFormerConfig:
             if not isinstance(c, dict) or not c.get("name") or len(c.get("words") or []) < 2:
                 raise ConfigError(f"qformer concept {c!r}: needs a name and at least two words")
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "QFormerConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass
-class LinearProjectorConfig:
+class LinearProjectorConfig(ConfigMixin):
     """SlideChat-style baseline: every patch token goes through an MLP into the LLM (no compression).
 
     ``max_tokens`` caps the number of patch tokens per slide (SlideChat samples up to 38,400); 0 = no cap.
@@ -119,11 +102,6 @@ class LinearProjectorConfig:
     max_tokens: int = 38400
     include_slide_tokens: bool = True
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "LinearProjectorConfig":
-        return _from_dict(cls, data)
 
 
 LLM_MODES = ("frozen", "lora", "full")
@@ -131,7 +109,7 @@ QUANTIZATIONS = (None, "4bit", "8bit")
 
 
 @dataclass
-class LLMConfig:
+class LLMConfig(ConfigMixin):
     """Which causal LM and how it is trained.
 
     ``name_or_path``: an alias (``smollm2-135m``, ``gemma3-270m``), a local HF folder, a hub id already in the
@@ -157,15 +135,10 @@ class LLMConfig:
         if self.quantization and self.mode == "full":
             raise ConfigError("a quantized LLM cannot be fully fine-tuned; use mode 'lora' (QLoRA) or 'frozen'")
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "LLMConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass
-class PatchEncoderRef:
+class PatchEncoderRef(ConfigMixin):
     """The patch encoder used to extract features from a slide file (``slidechat.encoders.load_encoder``)."""
 
     name: str = "demo-cnn"
@@ -173,15 +146,10 @@ class PatchEncoderRef:
     target_mpp: float = 0.5
     patch_size: int = 224
 
-    to_dict = dataclasses.asdict
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "PatchEncoderRef":
-        return _from_dict(cls, data)
 
 
 @dataclass
-class SlideAssistantConfig:
+class SlideAssistantConfig(ConfigMixin):
     """The whole model. ``projector`` names a registered projector (``slidechat.model.projector``): "qformer"
     (default, section ``qformer``) or "linear" (the SlideChat-style baseline, section ``linear``)."""
 
@@ -191,30 +159,22 @@ class SlideAssistantConfig:
     linear: LinearProjectorConfig = field(default_factory=LinearProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     patch_encoder: PatchEncoderRef | None = field(default_factory=PatchEncoderRef)
-    slide_placeholder: str = "<slide>"
     system_prompt: str | None = None  # None = prompts.SYSTEM_PROMPT; "" = the LLM template's own default
     format_version: int = CONFIG_FORMAT_VERSION
 
+    # written by earlier versions, no longer read (the placeholder is always prompts.SLIDE_PLACEHOLDER)
+    REMOVED_OPTIONS = ("slide_placeholder",)
+
     def __post_init__(self) -> None:
-        for name, cls in (("encoder", SlideEncoderConfig), ("qformer", QFormerConfig),
-                          ("linear", LinearProjectorConfig), ("llm", LLMConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls.from_dict(value))
-        if isinstance(self.patch_encoder, dict):
-            self.patch_encoder = PatchEncoderRef.from_dict(self.patch_encoder)
         if not isinstance(self.projector, str) or not self.projector:
             raise ConfigError(f"projector must be the name of a registered projector, got {self.projector!r}")
         # The Q-Former reads the slide encoder's tokens.
         self.qformer.encoder_hidden_size = self.encoder.hidden_size
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SlideAssistantConfig":
-        data = dict(data)
-        version = data.get("format_version", CONFIG_FORMAT_VERSION)
-        if version > CONFIG_FORMAT_VERSION:
-            raise ConfigError(f"config format_version {version} is newer than this slidechat ({CONFIG_FORMAT_VERSION}); upgrade slidechat")
-        return _from_dict(cls, data)
+        version = dict(data).get("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(f"config format_version {version!r} is newer than this slidechat "
+                              f"({CONFIG_FORMAT_VERSION}); upgrade slidechat")
+        return config_from_dict(cls, data)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -529,3 +531,46 @@ def test_heatmap_and_grounding_share_one_relevance(tiny_model_config):
         heat = SlideChat(model).chat(slide).heatmap()
         rel = relevance[b].detach().numpy()
         assert np.allclose(heat.scores, (rel - rel.min()) / (rel.max() - rel.min()), atol=1e-5)
+
+
+@dataclass
+class Inner:
+    size: tuple[int, int] = (1, 2)
+    scale: float = 1.0
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    maybe: Inner | None = None
+    sizes: tuple[int, ...] = ()
+    where: Path | None = None
+    named: dict[str, Inner] = field(default_factory=dict)
+
+
+def test_config_loader_nested_typed_and_strict(tmp_path):
+    """One loader: the demo checkpoint's config.json loads unchanged (its removed option accepted and dropped),
+    round-trips, and typos/wrong types are errors naming the key."""
+    from slidechat.inference.api import DEMO_DIR
+    from slidechat.utils.config import config_from_dict, config_to_dict
+
+    raw = json.loads((DEMO_DIR / "config.json").read_text())
+    cfg = SlideAssistantConfig.from_dict(raw)
+    assert len(cfg.qformer.concepts) == 12 and cfg.llm.mode == "lora" and cfg.patch_encoder.weights
+    assert cfg.to_dict() == {k: v for k, v in raw.items() if k != "slide_placeholder"}
+    assert SlideAssistantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"'qformer\.num_query_tokenz'.*did you mean 'num_query_tokens'"):
+        SlideAssistantConfig.from_dict({**raw, "qformer": {**raw["qformer"], "num_query_tokenz": 3}})
+    with pytest.raises(ConfigError, match=r"encoder\.hidden_size: expected int"):
+        SlideAssistantConfig.from_dict({"encoder": {"hidden_size": "big"}})
+    with pytest.raises(ConfigError, match="newer"):
+        SlideAssistantConfig.from_dict({"format_version": 99})
+
+    got = config_from_dict(Outer, {"inner": {"size": [3, 4], "scale": 2}, "maybe": None, "sizes": [1, 2, 3],
+                                   "where": "a/b", "named": {"x": {"scale": "1e-3"}}})
+    assert got == Outer(Inner((3, 4), 2.0), None, (1, 2, 3), Path("a/b"), {"x": Inner(scale=0.001)})
+    assert config_from_dict(Outer, json.loads(json.dumps(config_to_dict(got)))) == got
+    with pytest.raises(ConfigError, match=r"inner\.size: expected 2 values"):
+        config_from_dict(Outer, {"inner": {"size": [1, 2, 3]}})
+    with pytest.raises(ConfigError, match=r"'named\.x\.bogus'"):
+        config_from_dict(Outer, {"named": {"x": {"bogus": 1}}})
