@@ -240,10 +240,12 @@ class SlidePretrainStage(Stage):
         model.llm.requires_grad_(False)
         return _WithHeads(model, heads)
 
-    def param_groups(self, module, settings: TrainerSettings) -> list[dict]:
+    def clip_parameters(self, module) -> list:
         m = module.assistant
-        params = list(m.slide_encoder.parameters()) + list(m.projector.parameters()) + list(module.heads.parameters())
-        return [{"params": params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+        return list(m.slide_encoder.parameters()) + list(m.projector.parameters()) + list(module.heads.parameters())
+
+    def param_groups(self, module, settings: TrainerSettings) -> list[dict]:
+        return [{"params": self.clip_parameters(module), "lr": settings.lr, "weight_decay": settings.weight_decay}]
 
     def batches_per_epoch(self) -> int:
         return -(-len(self.train_idx) // self.cfg.batch_size)

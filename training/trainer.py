@@ -106,6 +106,10 @@ class Stage:
         params = [p for p in module.parameters() if p.requires_grad]
         return [{"params": params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
 
+    def clip_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters whose gradient norm ``max_grad_norm`` caps (their order fixes the float summation)."""
+        return [p for p in module.parameters() if p.requires_grad]
+
     def batches_per_epoch(self) -> int:
         raise NotImplementedError
 
@@ -296,8 +300,7 @@ class Trainer:
                 raise DataError(f"non-finite loss at step {self.progress.step}; lower train.lr")
             acc.backward(out.loss)
             if acc.sync_gradients and s.max_grad_norm:
-                self.grad_norm = acc.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
-                                                     s.max_grad_norm)
+                self.grad_norm = acc.clip_grad_norm_(self.stage.clip_parameters(self.module), s.max_grad_norm)
             self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
