@@ -122,7 +122,7 @@ def _fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     p.add_argument("--linear-max-n", type=int, default=None,
@@ -134,18 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ttft.json")
     p.add_argument("--_case", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    import torch
+    return p.parse_args(argv)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args._case:
-        print(json.dumps(run_case(args._case[0], int(args._case[1]), device, args.threads, args.repeats)))
-        return 0
-    linear_max = args.linear_max_n if args.linear_max_n is not None else (max(args.sizes) if device.startswith("cuda") else 10000)
 
+def _measure(args: argparse.Namespace, device: str, linear_max: int) -> list[dict]:
     rows: list[dict] = []
-    base = _subprocess_case("qformer", 0, device, args.threads, args.timeout)
-    print(f"LLM + model loaded: {base.get('rss_after_load_mb', 0):.0f} MB RSS", file=sys.stderr)
     for n in args.sizes:
         for method in ("qformer", "linear"):
             if method == "linear" and n > linear_max:
@@ -157,16 +150,14 @@ def main(argv: list[str] | None = None) -> int:
             r = _subprocess_case(method, n, device, args.threads, args.timeout, reps)
             print(f"{method:8s} N={n:6d}: {r.get('ttft_s', r.get('skipped'))} ({time.time() - t0:.0f} s)", file=sys.stderr)
             rows.append(r)
+    return rows
 
-    # On a CPU run with 1 thread, process CPU time is the work itself, unaffected by other jobs on a shared
-    # machine; it is the basis of the ratios there (wall-clock columns are printed too).
-    basis = "_cpu_s" if device == "cpu" and args.threads == 1 else "_s"
 
+def _ratios(rows: list[dict], sizes: list[int], basis: str) -> dict[str, float]:
     def get(method, n, key="ttft_s"):
         key = key[:-2] + basis
         return next((r.get(key) for r in rows if r["method"] == method and r["n"] == n), None)
 
-    sizes = args.sizes
     ratios = {}
     if 10000 in sizes and get("linear", 10000) and get("qformer", 10000):
         ratios["linear_over_qformer_ttft_at_10k"] = get("linear", 10000) / get("qformer", 10000)
@@ -181,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
                    if r["method"] == "qformer" and r.get("ttft" + basis)]
     if turn_ratios:
         ratios["qformer_turn2_over_turn1_max"] = max(turn_ratios)
+    return ratios
 
+
+def _table(rows: list[dict], ratios: dict[str, float], base: dict, device: str, threads: int, basis: str) -> str:
     header = (f"{'method':8s} {'N':>7s} {'LLM tokens':>10s} {'encode s':>9s} {'LLM s':>7s} {'TTFT s':>8s} "
               f"{'turn-2 s':>9s} {'turn2/1':>8s} {'TTFT cpu-s':>10s} {'turn-2 cpu-s':>12s} {'peak MB':>8s}")
-    lines = [f"TTFT benchmark on {device} ({args.threads} threads); LLM = SmolLM2-135M (frozen); model RSS "
+    lines = [f"TTFT benchmark on {device} ({threads} threads); LLM = SmolLM2-135M (frozen); model RSS "
              f"after load {base.get('rss_after_load_mb', 0):.0f} MB", header, "-" * len(header)]
     for r in rows:
         if "skipped" in r:
@@ -198,9 +192,27 @@ def main(argv: list[str] | None = None) -> int:
                      f"{_fmt(r['turn2_ttft_cpu_s'], '.3f'):>12s} {_fmt(peak, '.0f'):>8s}")
     lines.append("")
     lines.append(f"ratios on {'process CPU time (1 thread)' if basis == '_cpu_s' else 'wall time'}; min of repeats")
-    for k, v in ratios.items():
-        lines.append(f"{k}: {v:.2f}")
-    print("\n".join(lines))
+    lines += [f"{k}: {v:.2f}" for k, v in ratios.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args._case:
+        print(json.dumps(run_case(args._case[0], int(args._case[1]), device, args.threads, args.repeats)))
+        return 0
+    linear_max = args.linear_max_n if args.linear_max_n is not None else (max(args.sizes) if device.startswith("cuda") else 10000)
+    base = _subprocess_case("qformer", 0, device, args.threads, args.timeout)
+    print(f"LLM + model loaded: {base.get('rss_after_load_mb', 0):.0f} MB RSS", file=sys.stderr)
+    rows = _measure(args, device, linear_max)
+    # On a CPU run with 1 thread, process CPU time is the work itself, unaffected by other jobs on a shared
+    # machine; it is the basis of the ratios there (wall-clock columns are printed too).
+    basis = "_cpu_s" if device == "cpu" and args.threads == 1 else "_s"
+    ratios = _ratios(rows, args.sizes, basis)
+    print(_table(rows, ratios, base, device, args.threads, basis))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": device, "threads": args.threads, "ratio_basis": "cpu" if basis == "_cpu_s" else "wall",
