@@ -1,22 +1,25 @@
-"""Tiling benchmark: how fast patches come off a slide, against a naive loop and the JPEG-decode limit.
+"""Tiling benchmark: every reader on the same slides, the same tissue mask and patch grid, the same workers.
 
-For each slide (a large SynthSlide by default, plus any slide paths given) and the same set of tissue
-patches it measures patches/s of
+For each slide (a SynthSlide, its region re-written as Aperio JPEG 2000 (33003), LZW and uncompressed
+pyramidal TIFFs, and CMU-1) one tissue mask and one patch grid are made; the same patches (the first
+blocks of the grid, in reading order) are then produced by
 
-  (a) our extractor's read path: PatchBlockDataset + DataLoader with ``--workers`` processes
-      (each needed JPEG tile decoded once and copied straight into its patches in shared memory;
-      one resize per block when the level differs) -- and the same with ``--workers`` threads;
-  (b) a naive loop calling ``tiffslide.TiffSlide.read_region`` once per patch (one process);
-  (c) the limit: decoding only the JPEG tiles those patches need, with ``--workers`` threads
-      (tile bytes read beforehand; the imagecodecs decoder releases the GIL),
+  ours_threads     PatchBlockDataset + patch_loader(mode="threads")   (the extraction default)
+  ours_processes   PatchBlockDataset + patch_loader(mode="processes") (DataLoader worker processes)
+  hs2p             hs2p's tifffile backend with supertile reads (``iter_tile_arrays_from_result``), the
+                   patch list split over ``--workers`` threads, one reader each (hs2p runs one per process)
+  openslide        one OpenSlide ``read_region`` per patch, ``--workers`` threads with a handle each
+  trident          one tiffslide ``read_region`` per patch (TRIDENT's loop), ``--workers`` threads
+  decode_limit     only decoding the stored tiles those patches need, ``--workers`` threads
 
-and prints tables with the ratios a/b and a/c (same run, same machine), writes JSON and a bar plot.
-Two views: wall-clock patches/s, and patches per ``workers`` CPU-seconds (CPU time of all processes and
-threads involved) which stays meaningful when other jobs share the cores. Best of ``--rounds``
-interleaved rounds.
+in interleaved rounds; the table shows medians of wall-clock patches/s and patches per CPU-second (CPU time
+of every thread and worker process involved, which stays meaningful when others share the cores), and
+ratios named ``<x>_over_<y>`` (``ours`` = the default reader mode) with ``wall`` and ``cpu`` values.
+hs2p, openslide-python and openslide-bin are benchmark peers, not dependencies (``pip install hs2p
+openslide-python openslide-bin``); a peer that is not installed is skipped.
 
-    python benchmarks/tiling.py                      # large synthetic slide (generated once, cached)
-    python benchmarks/tiling.py tests/data/cmu-1-small-region.svs --no-synth
+    python benchmarks/tiling.py                  # SynthSlide medium + formats + CMU-1, ~2-3 min on 2 cores
+    python benchmarks/tiling.py --synth-size large --rounds 5
 """
 
 from __future__ import annotations
@@ -26,13 +29,17 @@ import json
 import os
 import platform
 import resource
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+CMU = ROOT / "tests" / "data" / "cmu-1-small-region.svs"
+METHODS = ("ours_threads", "ours_processes", "hs2p", "openslide", "trident", "decode_limit")
 
 
 def select_blocks(dataset, max_patches: int) -> list[int]:
@@ -51,51 +58,105 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def bench_ours(dataset, blocks: list[int], workers: int, mode: str = "processes") -> dict:
-    """Our DataLoader path. Wall rate is timed from the first block received (worker start-up excluded);
-    the CPU rate counts all CPU seconds of the main process and the workers, spread over ``workers`` cores."""
+def _timed(fn, n: int) -> dict:
+    """Run ``fn`` (producing ``n`` patches); wall and CPU seconds of this process and its children."""
     import gc
 
+    gc.collect()
+    c0, k0, t0 = time.process_time(), _children_cpu(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    cpu = (time.process_time() - c0) + (_children_cpu() - k0)
+    return {"wall": n / wall, "cpu": n / max(cpu, 1e-9), "wall_s": wall, "cpu_s": cpu, "n": n}
+
+
+def bench_ours(dataset, blocks: list[int], workers: int, mode: str) -> dict:
     from torch.utils.data import Subset
 
     from slidechat.slide.tiling import patch_loader
 
-    cpu0, child0 = time.process_time(), _children_cpu()
-    loader = patch_loader(Subset(dataset, blocks), num_workers=workers, mode=mode)
-    n, t0, first = 0, None, 0
-    it = iter(loader)
-    for idx, patches in it:
-        if t0 is None:
-            t0, first = time.perf_counter(), len(idx)
-            continue
-        n += len(idx)
-        assert patches.shape[1] == dataset.grid.patch_size
-    elapsed = time.perf_counter() - (t0 or time.perf_counter())
-    del it, loader
-    gc.collect()
-    cpu = (time.process_time() - cpu0) + (_children_cpu() - child0)
-    total = n + first
-    return {"wall": n / elapsed if elapsed > 0 else float("nan"), "cpu": total / (cpu / max(1, workers)),
-            "n": total}
+    n = sum(len(dataset.blocks[b]) for b in blocks)
+
+    def run():
+        for idx, patches in patch_loader(Subset(dataset, blocks), num_workers=workers, mode=mode):
+            assert patches.shape[1] == dataset.grid.patch_size
+
+    return _timed(run, n)
 
 
-def bench_naive(path: Path, grid, indices: np.ndarray) -> dict:
-    """One tiffslide.read_region per patch (+ resize when the level differs), one process."""
+def _threaded_per_patch(open_handle, read, coords: np.ndarray, workers: int) -> None:
+    """Per-patch reads spread over ``workers`` threads, each with its own slide handle."""
+    local = threading.local()
+
+    def work(xy):
+        if not hasattr(local, "h"):
+            local.h = open_handle()
+        return read(local.h, int(xy[0]), int(xy[1])).shape
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(work, coords, chunksize=16))
+
+
+def bench_trident(path: Path, grid, coords: np.ndarray, workers: int) -> dict:
+    """TRIDENT's loop: one tiffslide read_region per patch (+ resize when the level differs)."""
     import tiffslide
     from PIL import Image
 
-    size = grid.patch_size
-    with tiffslide.TiffSlide(path) as slide:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in indices:
-            x, y = grid.coords[i]
-            img = slide.read_region((int(x), int(y)), grid.level, (grid.patch_size_level, grid.patch_size_level))
-            img = img.convert("RGB")
-            if grid.needs_resize:
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            np.asarray(img)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall": len(indices) / elapsed, "cpu": len(indices) / cpu, "n": len(indices)}
+    size, pl = grid.patch_size, grid.patch_size_level
+
+    def read(slide, x, y):
+        img = slide.read_region((x, y), grid.level, (pl, pl)).convert("RGB")
+        return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR) if grid.needs_resize else img)
+
+    return _timed(lambda: _threaded_per_patch(lambda: tiffslide.TiffSlide(path), read, coords, workers), len(coords))
+
+
+def bench_openslide(path: Path, grid, coords: np.ndarray, workers: int) -> dict | None:
+    try:
+        import openslide
+    except ImportError:
+        return None
+    from PIL import Image
+
+    size, pl = grid.patch_size, grid.patch_size_level
+    try:
+        openslide.OpenSlide(str(path)).close()
+    except Exception as exc:  # e.g. a generic TIFF layout OpenSlide does not read
+        return {"wall": float("nan"), "cpu": float("nan"), "note": f"{type(exc).__name__}: {exc}"[:200]}
+
+    def read(slide, x, y):
+        img = slide.read_region((x, y), grid.level, (pl, pl)).convert("RGB")
+        return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR) if grid.needs_resize else img)
+
+    return _timed(lambda: _threaded_per_patch(lambda: openslide.OpenSlide(str(path)), read, coords, workers),
+                  len(coords))
+
+
+def bench_hs2p(path: Path, grid, coords: np.ndarray, level_downsamples, workers: int) -> dict | None:
+    try:
+        from hs2p.wsi.streaming.stream import iter_tile_arrays_from_result
+    except ImportError:
+        return None
+    import warnings
+
+    shards = np.array_split(coords, max(1, workers))
+
+    def result(part):
+        return SimpleNamespace(
+            image_path=str(path), backend="tifffile", base_spacing_um=grid.slide_mpp, read_level=grid.level,
+            read_tile_size_px=grid.patch_size_level, tile_size_lv0=grid.patch_size_level0, overlap=0.0,
+            step_px_lv0=grid.patch_size_level0, x=part[:, 0], y=part[:, 1], level_downsamples=level_downsamples)
+
+    def shard(part):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hs2p warns that our mpp overrides the TIFF resolution tag
+            return sum(1 for _ in iter_tile_arrays_from_result(result=result(part)))
+
+    def run():
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            assert sum(pool.map(shard, shards)) == len(coords)
+
+    return _timed(run, len(coords))
 
 
 def needed_tiles(grid, dataset, blocks: list[int], tile_w: int, tile_h: int) -> set[tuple[int, int]]:
@@ -114,8 +175,9 @@ def needed_tiles(grid, dataset, blocks: list[int], tile_w: int, tile_h: int) -> 
     return tiles
 
 
-def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: int, workers: int) -> dict:
-    """patches/s if producing the patches cost only decoding their JPEG tiles (``workers`` threads)."""
+def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: int, workers: int,
+                       repeat: int = 1) -> dict:
+    """patches/s if producing the patches cost only decoding their stored tiles (``workers`` threads)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
@@ -124,7 +186,7 @@ def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: 
             return {"wall": float("nan"), "cpu": float("nan"), "tiles": 0, "note": "level is not tiled"}
         tw, th = page.tilewidth, page.tilelength
         n_x = -(-page.imagewidth // tw)
-        tiles = sorted(needed_tiles(grid, dataset, blocks, tw, th))
+        tiles = sorted(needed_tiles(grid, dataset, sorted(set(blocks)), tw, th)) * repeat  # as often as ours reads them
         offsets, counts = page.dataoffsets, page.databytecounts
         fh = tf.filehandle
         raw = []
@@ -144,7 +206,7 @@ def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: 
             t0, c0 = time.perf_counter(), time.process_time()
             list(pool.map(work, raw, chunksize=8))
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"wall": n_patches / elapsed, "cpu": n_patches / (cpu / max(1, workers)), "tiles": len(tiles),
+    return {"wall": n_patches / elapsed, "cpu": n_patches / max(cpu, 1e-9), "tiles": len(tiles),
             "tiles_per_s": len(tiles) / elapsed, "tile_size": [tw, th]}
 
 
@@ -153,46 +215,97 @@ def bench_slide(path: Path, args) -> dict:
     from slidechat.slide.tiling import PatchBlockDataset, make_tile_grid
     from slidechat.slide.tissue import detect_tissue
 
-    with SlideReader(path, mpp=args.mpp) as reader:
+    with SlideReader(path) as reader:
         info = reader.info()
+        info["compression"] = _compression(path)
         grid = make_tile_grid(reader, detect_tissue(reader), target_mpp=args.target_mpp, patch_size=args.patch_size)
-    dataset = PatchBlockDataset(path, grid, mpp=args.mpp)
+        level_downsamples = reader.level_downsamples
+    dataset = PatchBlockDataset(path, grid)
     blocks = select_blocks(dataset, args.max_patches)
     indices = np.concatenate([dataset.blocks[b] for b in blocks])
-    # a small slide is read several times over so that (a) is timed in steady state
-    repeat = max(1, -(-args.min_timed_patches // len(indices)))
-    rounds = []
-    for _ in range(args.rounds):  # interleaved rounds; best of each (the machine may be shared)
-        a = bench_ours(dataset, blocks * repeat, args.workers)
-        at = bench_ours(dataset, blocks * repeat, args.workers, mode="threads")
-        naive_idx = indices[: args.naive_patches] if args.naive_patches else indices
-        b = bench_naive(path, grid, naive_idx)
-        c = bench_decode_limit(path, grid, dataset, blocks, len(indices), args.workers)
-        rounds.append({"a": a, "a_threads": at, "b": b, "c": c})
-    best = {k: {m: max(r[k][m] for r in rounds) for m in ("wall", "cpu")} for k in ("a", "a_threads", "b", "c")}
-    return {
-        "slide": str(path), "info": info, "patches_on_slide": len(grid), "patches_timed": int(rounds[0]["a"]["n"]),
-        "naive_patches_timed": int(rounds[0]["b"]["n"]), "tiles_decoded": rounds[0]["c"]["tiles"],
-        "repeat": repeat, "level": grid.level, "patch_size": grid.patch_size,
-        "patch_size_level": grid.patch_size_level, "block_cells": grid.block_cells, "rounds": rounds,
-        "a_ours": best["a"], "a_ours_threads": best["a_threads"], "b_naive": best["b"], "c_decode_limit": best["c"],
-        "a_over_b": {m: best["a"][m] / best["b"][m] for m in ("wall", "cpu")},
-        "a_over_c": {m: best["a"][m] / best["c"][m] for m in ("wall", "cpu")},
-        "a_threads_over_b": {m: best["a_threads"][m] / best["b"][m] for m in ("wall", "cpu")},
-        "a_threads_over_c": {m: best["a_threads"][m] / best["c"][m] for m in ("wall", "cpu")},
-    }
+    repeat = max(1, -(-args.min_timed_patches // len(indices)))  # a small slide is read several times over
+    blocks, indices = blocks * repeat, np.tile(indices, repeat)
+    coords = grid.coords[indices]
+    per_patch = coords[: args.per_patch_patches] if args.per_patch_patches else coords
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for _ in range(args.rounds):  # interleaved: a burst of load from others hits every method alike
+        runs["ours_threads"].append(bench_ours(dataset, blocks, args.workers, "threads"))
+        runs["ours_processes"].append(bench_ours(dataset, blocks, args.workers, "processes"))
+        for name, fn in [("hs2p", lambda: bench_hs2p(path, grid, coords, level_downsamples, args.workers)),
+                         ("openslide", lambda: bench_openslide(path, grid, per_patch, args.workers)),
+                         ("trident", lambda: bench_trident(path, grid, per_patch, args.workers)),
+                         ("decode_limit", lambda: bench_decode_limit(path, grid, dataset, blocks, len(indices),
+                                                                     args.workers, repeat))]:
+            r = fn()
+            if r is not None:
+                runs[name].append(r)
+    med = {m: {k: float(np.median([r[k] for r in rs])) for k in ("wall", "cpu")} for m, rs in runs.items() if rs}
+    ours = "ours_threads"
+    ratios = {f"ours_over_{m}": {k: med[ours][k] / med[m][k] for k in ("wall", "cpu")}
+              for m in med if m != ours and m != "ours_processes"}
+    ratios["ours_threads_over_ours_processes"] = {k: med[ours][k] / med["ours_processes"][k] for k in ("wall", "cpu")}
+    return {"slide": str(path), "name": path.name, "info": info, "patches_on_slide": len(grid),
+            "patches_timed": len(indices), "repeat": repeat, "per_patch_timed": len(per_patch), "level": grid.level,
+            "patch_size_level": grid.patch_size_level, "median": med, "ratios": ratios, "rounds": runs}
+
+
+def _compression(path: Path) -> str:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        return str(tf.pages[0].compression.name if hasattr(tf.pages[0].compression, "name") else tf.pages[0].compression)
 
 
 def ensure_synth(size: str, out: Path) -> Path:
     from slidechat.synth import generate_dataset
 
     slides = sorted((out / "slides").glob("*.tiff")) if (out / "slides").is_dir() else []
-    if not slides or not (out / "truth.jsonl").is_file():
+    if not slides:
         t0 = time.perf_counter()
         generate_dataset(out, n=1, seed=0, size=size)
         print(f"generated {size} synthetic slide in {time.perf_counter() - t0:.0f}s")
         slides = sorted((out / "slides").glob("*.tiff"))
     return slides[0]
+
+
+def ensure_formats(synth: Path, out: Path, side: int) -> list[Path]:
+    """The synthetic slide's central ``side`` x ``side * 3/4`` region as J2K (Aperio), LZW and raw TIFFs."""
+    from slidechat.slide.reader import SlideReader
+    from slidechat.synth.pyramid import write_pyramid
+
+    specs = [("j2k", "aperio", "svs"), ("lzw", "generic", "tif"), ("none", "generic", "tif")]
+    paths = [out / f"{synth.stem}-{c}.{ext}" for c, _, ext in specs]
+    if all(p.is_file() for p in paths):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    with SlideReader(synth) as r:
+        w0, h0 = r.dimensions
+        w, h = min(side, w0), min(side * 3 // 4, h0)
+        region = r.read_region(((w0 - w) // 2, (h0 - h) // 2), 0, (w, h))
+        mpp = r.mpp
+    for (c, layout, _), p in zip(specs, paths):
+        if not p.is_file():
+            write_pyramid(p, region, mpp, c, layout)
+    return paths
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for metric, title in (("wall", "wall-clock patches/s"), ("cpu", "patches per CPU-second")):
+        head = f"{title:<34}{'comp':>9}{'n':>6}" + "".join(f"{m:>15}" for m in METHODS)
+        lines += [head, "-" * len(head)]
+        for r in results:
+            cells = "".join(f"{r['median'][m][metric]:>15.0f}" if m in r["median"] else f"{'-':>15}" for m in METHODS)
+            lines.append(f"{r['name'][:34]:<34}{r['info']['compression'][:9]:>9}{r['patches_timed']:>6}{cells}")
+        lines.append("")
+    names = sorted({k for r in results for k in r["ratios"]})
+    head = f"{'ratio (wall / cpu)':<34}" + "".join(f"{n.replace('ours_over_', 'ours/').replace('ours_threads_over_', 'threads/'):>20}" for n in names)
+    lines += [head, "-" * len(head)]
+    for r in results:
+        cells = "".join(f"{r['ratios'][n]['wall']:>12.2f} /{r['ratios'][n]['cpu']:>5.2f}" if n in r["ratios"]
+                        else f"{'-':>20}" for n in names)
+        lines.append(f"{r['name'][:34]:<34}{cells}")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -201,18 +314,17 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    width = 0.2
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    width = 0.8 / len(METHODS)
     xs = np.arange(len(results))
-    for ax, metric, title in zip(axes, ("wall", "cpu"), ("wall clock", "per 2 CPU-seconds (load-independent)")):
-        for k, (key, label) in enumerate([("a_ours", "(a) ours, processes"), ("a_ours_threads", "(a) ours, threads"),
-                                          ("b_naive", "(b) naive read_region"),
-                                          ("c_decode_limit", "(c) JPEG decode limit")]):
-            ax.bar(xs + (k - 1.5) * width, [r[key][metric] for r in results], width, label=label)
-        ax.set_xticks(xs, [Path(r["slide"]).name[:24] for r in results], fontsize=8)
-        ax.set_ylabel("patches / s")
+    for ax, metric, title in zip(axes, ("wall", "cpu"), ("wall-clock patches/s", "patches per CPU-second")):
+        for k, m in enumerate(METHODS):
+            vals = [r["median"].get(m, {}).get(metric, np.nan) for r in results]
+            ax.bar(xs + k * width, vals, width, label=m)
+        ax.set_xticks(xs + 0.4 - width / 2, [r["name"][:22] for r in results], fontsize=7, rotation=12)
+        ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -220,45 +332,37 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("slides", nargs="*", help="extra slide paths to benchmark")
-    p.add_argument("--synth-size", default="large", help="SynthSlide size to generate and benchmark (default large)")
-    p.add_argument("--no-synth", action="store_true", help="only the given slides")
-    p.add_argument("--synth-dir", default=str(ROOT / "outputs" / "bench"), help="where the synthetic slide is cached")
-    p.add_argument("--workers", type=int, default=2, help="reader processes for (a), decode threads for (c)")
-    p.add_argument("--max-patches", type=int, default=6000, help="patches timed per slide (0 = all)")
-    p.add_argument("--naive-patches", type=int, default=600, help="patches timed for the naive loop (0 = same)")
-    p.add_argument("--min-timed-patches", type=int, default=2000, help="re-read small slides up to this many")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best of each is kept)")
+    p.add_argument("slides", nargs="*", help="more slide paths to benchmark")
+    p.add_argument("--synth-size", default="medium", help="SynthSlide size to generate and benchmark (default medium)")
+    p.add_argument("--synth-dir", default=str(ROOT / "outputs" / "bench"), help="where generated slides are cached")
+    p.add_argument("--format-side", type=int, default=6144, help="width of the region re-written as J2K/LZW/raw")
+    p.add_argument("--no-synth", action="store_true", help="only CMU-1 and the given slides")
+    p.add_argument("--workers", type=int, default=2, help="readers (threads or processes) for every method")
+    p.add_argument("--max-patches", type=int, default=1500, help="patches timed per slide (0 = all)")
+    p.add_argument("--per-patch-patches", type=int, default=200, help="patches timed for the per-patch loops")
+    p.add_argument("--min-timed-patches", type=int, default=240, help="re-read small slides up to this many")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     p.add_argument("--target-mpp", type=float, default=0.5)
     p.add_argument("--patch-size", type=int, default=224)
-    p.add_argument("--mpp", type=float, default=None)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiling.json"), help="JSON results path (+ .png)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiling.json"), help="JSON path (+ .png)")
     args = p.parse_args(argv)
 
     slides = [Path(s) for s in args.slides]
     if not args.no_synth:
-        slides.insert(0, ensure_synth(args.synth_size, Path(args.synth_dir) / args.synth_size))
+        synth = ensure_synth(args.synth_size, Path(args.synth_dir) / args.synth_size)
+        slides = [synth, *ensure_formats(synth, Path(args.synth_dir) / "formats", args.format_side), *slides]
+    slides.append(CMU)
+    start = time.perf_counter()
     results = [bench_slide(s, args) for s in slides]
-    print(f"workers={args.workers}  target_mpp={args.target_mpp}  patch={args.patch_size}  cpus={os.cpu_count()}  "
-          f"best of {args.rounds} rounds")
-    for metric, title in (("wall", "wall-clock patches/s"), ("cpu", "patches per 2 CPU-seconds (load-independent)")):
-        header = (f"{title:<46} {'patches':>8} {'(a) procs':>10} {'(a) thrds':>10} {'(b) naive':>10} "
-                  f"{'(c) limit':>10} {'a/b':>6} {'a/c':>6} {'at/b':>6} {'at/c':>6}")
-        print(header)
-        print("-" * len(header))
-        for r in results:
-            print(f"{Path(r['slide']).name[:46]:<46} {r['patches_timed']:>8} {r['a_ours'][metric]:>10.0f} "
-                  f"{r['a_ours_threads'][metric]:>10.0f} {r['b_naive'][metric]:>10.0f} "
-                  f"{r['c_decode_limit'][metric]:>10.0f} {r['a_over_b'][metric]:>6.2f} {r['a_over_c'][metric]:>6.2f} "
-                  f"{r['a_threads_over_b'][metric]:>6.2f} {r['a_threads_over_c'][metric]:>6.2f}")
-        print()
-    print("(a) procs: DataLoader worker processes (extract default); (a) thrds: --reader threads; "
-          "at = (a) thrds")
+    print(f"workers={args.workers} target_mpp={args.target_mpp} patch={args.patch_size} cpus={os.cpu_count()} "
+          f"median of {args.rounds} interleaved rounds; {time.perf_counter() - start:.0f}s")
+    print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"workers": args.workers, "target_mpp": args.target_mpp, "patch_size": args.patch_size,
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            "rounds": args.rounds, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - start, 1)}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
