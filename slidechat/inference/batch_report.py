@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from slidechat.errors import ConfigError, DataError, SlideChatError
+from slidechat.slide.config import check_option
 from slidechat.utils.io import (BadLines, JsonlLog, compact_jsonl, read_csv_rows, read_jsonl,
                                 remove_stale_temp_files, sha256_file)
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, ItemLock, LockFolder, safe_file_name
@@ -85,8 +86,8 @@ class BatchReportConfig:
         for name, value, lo, hi in checks:
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}]; got {value!r}")
-        if self.mpp is not None and not 0 < self.mpp <= 100:
-            raise ConfigError(f"--mpp must be in (0, 100] microns per pixel; got {self.mpp!r}")
+        if self.mpp is not None:
+            self.mpp = check_option("mpp", self.mpp)
         if not self.lock_stale_s > 0:
             raise ConfigError(f"--lock-stale-after must be > 0 seconds; got {self.lock_stale_s!r}")
 

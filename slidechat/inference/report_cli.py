@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from slidechat.slide.config import option_type
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
 
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "(default: WORLD_SIZE from accelerate/torchrun, else 1)")
     parser.add_argument("--shard-id", type=int, help="which shard this process runs (default: RANK, else 0)")
     parser.add_argument("--cache-dir", help="feature cache folder (default: the slidechat cache)")
-    parser.add_argument("--mpp", type=float, help="microns per pixel for slides that lack it")
+    parser.add_argument("--mpp", type=option_type("mpp"), help="microns per pixel for slides that lack it")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per report question (default 64)")
     parser.add_argument("--summary-max-new-tokens", type=int, default=160, help="for the summary (default 160)")
     parser.add_argument("--thumbnail-size", type=int, default=512)
