@@ -16,9 +16,15 @@ from slidechat.prompts import format_mcq
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def test_demo_checkpoint_loads_encodes_answers_in_format_and_points(synth_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def demo():
+    """The shipped checkpoint, loaded once for this module."""
+    return slidechat.load("demo", device="cpu")
+
+
+def test_demo_checkpoint_loads_encodes_answers_in_format_and_points(demo, synth_dataset, tmp_path):
     assert (DEMO_DIR / "config.json").is_file() and (DEMO_DIR / "model.safetensors").is_file()
-    assistant = slidechat.load("demo", device="cpu")
+    assistant = demo
 
     slide_path = next((synth_dataset / "slides").glob("*.tiff"))
     slide = assistant.encode_slide(slide_path, cache_dir=tmp_path / "cache")
@@ -40,10 +46,10 @@ def test_demo_checkpoint_loads_encodes_answers_in_format_and_points(synth_datase
     assert heat.scores.std() > 0.01  # a trained Q-Former attends to some patches more than to others
 
 
-def test_demo_checkpoint_three_turns_heatmaps_and_report(synth_dataset, tmp_path):
+def test_demo_checkpoint_three_turns_heatmaps_and_report(demo, synth_dataset, tmp_path):
     """The shipped checkpoint (12 concept tokens before 16 query tokens) through the user path: every heatmap
     weighting before the first question and after each of three turns, then the report."""
-    assistant = slidechat.load("demo", device="cpu")
+    assistant = demo
     assert assistant.num_slide_tokens == 12 + 16
     slide = assistant.encode_slide(next((synth_dataset / "slides").glob("*.tiff")), cache_dir=tmp_path / "cache")
     conv = assistant.chat(slide)
