@@ -25,7 +25,7 @@ from slidechat.inference.cache import InferenceCache, resolve
 from slidechat.inference.encode import EncodedSlide, as_encoded_slide
 from slidechat.inference.evidence import DEFAULT_K, EvidenceRegion, top_regions
 from slidechat.inference.region import parse_region, region_slide
-from slidechat.model.llm import cache_kwarg
+from slidechat.model.llm import cache_kwarg, crop_cache
 from slidechat.model.processor import SLIDE_TOKEN_ID
 from slidechat.model.projector import ProjectorOutput
 from slidechat.model.slide_encoder import SlideEncoderOutput
@@ -78,21 +78,6 @@ def prepare_slide(assistant, slide, cache: InferenceCache | None = None) -> Slid
     return cache.slide_state(key, lambda: encode_state(model, enc_slide))
 
 
-def crop_cache(cache, tokens_to_remove: int) -> bool:
-    """Drop the last ``tokens_to_remove`` positions of a DynamicCache in place; False when that is not exact
-    (sliding-window layers, e.g. Gemma 3) so the caller recomputes instead."""
-    if tokens_to_remove <= 0:
-        return True
-    sliding = getattr(cache, "is_sliding", False)
-    if (any(sliding) if isinstance(sliding, (list, tuple)) else sliding) or not hasattr(cache, "crop"):
-        return False
-    try:
-        cache.crop(-tokens_to_remove)
-    except (ValueError, RuntimeError):
-        return False
-    return True
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -121,6 +106,9 @@ class Conversation:
         self._fed: list[int] = []  # the token ids whose key/values are in the cache (slide positions = -200)
         self._lock = threading.Lock()
         self._regions: dict[tuple[int, int, int, int], Conversation] = {}
+        # key/values of the prompt up to the end of the slide tokens, for attention maps (see heatmap)
+        self.slide_prefix: tuple[tuple[int, ...], object] | None = None
+        self.slide_prefix_lock = threading.Lock()
         self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
 
     @property

@@ -12,7 +12,8 @@ The LLM's attention is the mean over layers, heads and the text tokens after the
 so far; before the first question, the rest of a slide-only prompt). It is computed by an eager-attention view of
 the LLM that shares its weights (``InferenceCache.attention_view``): the shared model is never switched, so
 concurrent sessions are unaffected. Only the text after the slide is run through the view, on top of the slide
-prefix's key/values, so the attention matrix is [text, all] rather than [all, all].
+prefix's key/values (computed once per conversation and cropped back after each call), so the attention matrix
+is [text, all] rather than [all, all].
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from slidechat.errors import SlideChatError
-from slidechat.model.llm import cache_kwarg
+from slidechat.model.llm import cache_kwarg, crop_cache
 from slidechat.model.processor import SLIDE_TOKEN_ID
 from slidechat.viz import normalize_scores
 
@@ -56,11 +57,16 @@ def llm_attention_to_slide(conv) -> torch.Tensor:
         raise SlideChatError("no text follows the slide, so the LLM's attention to it is undefined")
     embeds = conv._embed(ids, 0, ids)[None]
     llm = conv.model.llm
-    kw = cache_kwarg(llm)
-    prefix = llm(inputs_embeds=embeds[:, :end], use_cache=True, logits_to_keep=1)
-    past = getattr(prefix, "cache", None) or getattr(prefix, "past_key_values", None)
     view = conv.cache.attention_view(llm)
-    out = view(inputs_embeds=embeds[:, end:], use_cache=True, output_attentions=True, logits_to_keep=1, **{kw: past})
+    key = tuple(ids[:end])
+    with conv.slide_prefix_lock:  # the slide prefix's key/values are reused across calls, cropped back after each
+        past = conv.slide_prefix[1] if conv.slide_prefix is not None and conv.slide_prefix[0] == key else None
+        if past is None:
+            prefix = llm(inputs_embeds=embeds[:, :end], use_cache=True, logits_to_keep=1)
+            past = getattr(prefix, "cache", None) or getattr(prefix, "past_key_values", None)
+        out = view(inputs_embeds=embeds[:, end:], use_cache=True, output_attentions=True, logits_to_keep=1,
+                   **{cache_kwarg(llm): past})
+        conv.slide_prefix = (key, past) if crop_cache(past, past.get_seq_length() - end) else None
     att = torch.stack([a[0, :, :, start:end].float().mean(dim=0) for a in out.attentions])  # [layers, text, T]
     return att.mean(dim=(0, 1)).cpu()
 

@@ -290,6 +290,21 @@ def cache_kwarg(llm) -> str:
     return "cache" if "cache" in inspect.signature(base_model(llm).forward).parameters else "past_key_values"
 
 
+def crop_cache(cache, tokens_to_remove: int) -> bool:
+    """Drop the last ``tokens_to_remove`` positions of a DynamicCache in place; False when that is not exact
+    (sliding-window layers, e.g. Gemma 3) so the caller recomputes instead."""
+    if tokens_to_remove <= 0:
+        return True
+    sliding = getattr(cache, "is_sliding", False)
+    if (any(sliding) if isinstance(sliding, (list, tuple)) else sliding) or not hasattr(cache, "crop"):
+        return False
+    try:
+        cache.crop(-tokens_to_remove)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def eager_attention_view(llm):
     """A view of ``llm`` that computes attention eagerly (so ``output_attentions=True`` returns the weights).
 
