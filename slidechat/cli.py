@@ -33,8 +33,15 @@ def _load(name: str):
     return importlib.import_module(module_name)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes print one line (what is wrong and where the help is) and exit 2, like every user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slidechat", description="Chat with pathology whole-slide images.")
+    parser = OneLineErrorParser(prog="slidechat", description="Chat with pathology whole-slide images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
