@@ -209,7 +209,8 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> 
     if not (synth_dir / "dataset.json").exists():
         generate_dataset(synth_dir, step.n, seed=step.seed, size=step.size)
     results = run_evaluation(EvalRunConfig(checkpoint=str(checkpoint), data=str(synth_dir), out_dir=str(out_dir / "run"),
-                                           tasks=list(step.tasks), mcq_max_new_tokens=step.max_new_tokens,
+                                           tasks=list(step.tasks), limit=step.limit,
+                                           mcq_max_new_tokens=step.max_new_tokens,
                                            cache_dir=str(out_dir / "feature-cache"), progress=False))
     summary = {"checkpoint": str(checkpoint), "eval_seed": step.seed, "slides": len(list(
         (synth_dir / "slides").iterdir())) if (synth_dir / "slides").is_dir() else None, **evaluation_summary(results)}

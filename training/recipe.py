@@ -114,6 +114,7 @@ class EvaluateStep:
     synth_dir: str | None = None
     max_new_tokens: int = 16                # closed-VQA answer length
     tasks: list[str] = field(default_factory=lambda: ["closed_vqa", "grounding"])
+    limit: int | None = None                # at most this many items per task (smoke runs)
 
 
 @dataclass
