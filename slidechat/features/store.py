@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,11 @@ def _is_number(text: str) -> bool:
 
 
 def _load_csv(path: Path) -> SlideFeatures:
-    with open(path, newline="", encoding="utf-8") as fh:
-        first = next(csv.reader(fh), None)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            first = next(csv.reader(fh), None)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a feature CSV (text with comma-separated numbers): {exc}") from exc
     if not first:
         raise DataError(f"{path}: empty feature CSV")
     cells = [c.strip() for c in first]
@@ -134,9 +138,15 @@ def _load_csv(path: Path) -> SlideFeatures:
     ]
     header = [c.strip() for c in first] if has_header else None
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float64, ndmin=2)
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy warns about an empty table; we say it below
+            table = np.loadtxt(path, delimiter=",", skiprows=1 if has_header else 0, dtype=np.float64, ndmin=2)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: feature CSV has non-numeric cells ({exc})") from exc
+    if table.shape[0] == 0 or table.shape[1] == 0:
+        raise DataError(f"{path}: feature CSV has a header but no patch rows")
+    if header is not None and table.shape[1] != len(header):
+        raise DataError(f"{path}: feature CSV rows have {table.shape[1]} values but the header names {len(header)}")
     coords = None
     if header is not None:
         lower = [h.lower() for h in header]
@@ -149,6 +159,8 @@ def _load_csv(path: Path) -> SlideFeatures:
         # a leading unnamed index column written by pandas
         if lower and lower[0] in ("", "unnamed: 0") and table.shape[1] > SLIDECHAT_CSV_DIM:
             table = table[:, 1:]
+    if table.shape[1] == 0:
+        raise DataError(f"{path}: feature CSV has coordinates but no feature columns")
     features = table[:, :SLIDECHAT_CSV_DIM].astype(np.float32)
     attrs = {"slide_id": path.stem, "encoder": "conch" if features.shape[1] == SLIDECHAT_CSV_DIM else "unknown",
              "source_format": "slidechat-csv"}

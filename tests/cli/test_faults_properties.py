@@ -226,8 +226,6 @@ def test_feature_h5_reader_refuses_garbage_with_a_user_error(blob):
     _garbage_is_refused(blob, ".h5")
 
 
-@pytest.mark.xfail(strict=True, reason="the feature CSV reader lets non-UTF-8 bytes raise UnicodeDecodeError and "
-                                       "accepts a file without data rows as a slide of 0 patches")
 @FAST
 @given(blob=st.binary(max_size=400))
 def test_feature_csv_reader_refuses_garbage_with_a_user_error(blob):
@@ -252,8 +250,6 @@ def test_feature_readers_refuse_known_bad_files(blob, suffix, tmp_path):
     _refused(blob, tmp_path / f"bad{suffix}")
 
 
-@pytest.mark.xfail(strict=True, reason="the feature CSV reader accepts a header-only file as 0 patches, fails with "
-                                       "IndexError on an x,y header without rows, UnicodeDecodeError on binary bytes")
 @pytest.mark.filterwarnings("ignore:loadtxt")
 @pytest.mark.parametrize("blob", [b"0,1,2\n", b"x,y\n", HDF_HEADER_ONLY])
 def test_feature_csv_reader_refuses_header_only_and_binary_files(blob, tmp_path):
