@@ -3,14 +3,12 @@
 A *stage recipe* trains one stage (0: contrastive, 1: alignment, 2: instruction tuning).
 A *pipeline recipe* (``kind: pipeline``) prepares data from nothing (SynthSlide, demo CNN, feature
 extraction) and then runs a list of stage recipes, each starting from the previous stage's checkpoint.
-Unknown keys are errors, so a typo never silently falls back to a default.
+Loaded by the one config loader (``slidechat.utils.config``): unknown keys are errors naming the dotted key,
+so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import yaml
 
 from slidechat.errors import ConfigError
+from slidechat.utils.config import config_from_dict, config_to_dict
 from slidechat.slide.config import ExtractionConfig
 from slidechat.training.patch_cnn import PatchCNNTrainConfig
 from slidechat.training.slide_pretrain import SlidePretrainConfig
@@ -137,69 +136,13 @@ class PipelineRecipe:
 # ----------------------------------------------------------------------------------- loading
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Recursively construct dataclass ``cls`` from a dict, rejecting unknown keys."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where) if len(inner) == 1 else value
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        return _build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list")
-        return [_convert(args[0], v, f"{where}[{i}]") if args else v for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
 def recipe_from_dict(data: dict, base_dir: Path | None = None) -> StageRecipe | PipelineRecipe:
     """Build a recipe from a parsed YAML mapping (``kind: pipeline`` or a stage recipe)."""
     data = dict(data)
     kind = data.pop("kind", "stage")
-    if kind == "pipeline":
-        return _build(PipelineRecipe, data, "recipe")
-    if kind != "stage":
+    if kind not in ("stage", "pipeline"):
         raise ConfigError(f"recipe kind {kind!r}: use stage or pipeline")
-    return _build(StageRecipe, data, "recipe")
+    return config_from_dict(PipelineRecipe if kind == "pipeline" else StageRecipe, data, where="recipe")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> StageRecipe | PipelineRecipe:
@@ -237,7 +180,7 @@ def apply_override(data: dict, item: str) -> None:
 
 
 def recipe_to_dict(recipe: StageRecipe | PipelineRecipe) -> dict:
-    """Plain dict (for saving next to a checkpoint)."""
-    out = dataclasses.asdict(recipe)
+    """Plain dict (for saving next to a checkpoint); ``recipe_from_dict`` reads it back."""
+    out = config_to_dict(recipe)
     out["kind"] = "pipeline" if isinstance(recipe, PipelineRecipe) else "stage"
     return out

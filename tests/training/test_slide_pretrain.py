@@ -17,10 +17,10 @@ CONCEPTS = [{"name": "present_tumor", "words": ["tumour", "absent"]},
 def test_concept_heads_learn_the_training_slides(synth_dataset, tiny_model_config, tmp_path):
     from slidechat.encoders import load_encoder
     from slidechat.features.extract import extract_many
+    from slidechat.slide.config import ExtractionConfig
 
     feats_dir = tmp_path / "features"
-    extract_many([str(synth_dataset / "slides")], load_encoder("demo-cnn"), feats_dir, target_mpp=0.5, patch_size=224,
-                 batch_size=64, num_workers=0)
+    extract_many([str(synth_dataset / "slides")], load_encoder("demo-cnn"), feats_dir, ExtractionConfig(num_workers=0))
     assert write_grounding_targets(synth_dataset, feats_dir, tmp_path / "grounding") == 4
     cfg = tiny_model_config(feature_dim=64)
     cfg.encoder.layout_grid = 8

@@ -147,7 +147,7 @@ def test_recipe_loading_and_errors(tmp_path):
     p.write_text("stage: 1\ntrain: {lr: 1e-3, max_steps: 5}\ndata: {sources: [{path: x.json}]}\n")
     r = load_recipe(p, ["train.batch_size=2"])
     assert r.train.lr == 1e-3 and r.train.batch_size == 2 and r.data.sources[0].kind == "instructions"
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown option"):
         recipe_from_dict({"stage": 1, "trian": {}})
     with pytest.raises(ConfigError, match="stage must be"):
         recipe_from_dict({"stage": 7})

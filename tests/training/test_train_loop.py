@@ -133,7 +133,7 @@ def test_cli_runs_a_stage_and_reports_bad_recipe(tiny_data, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 2
     assert train_main(["--recipe", "training/recipes/tiny.yaml", "--set", "train.bogus=1"]) == 2
-    assert "unknown key" in capsys.readouterr().err
+    assert "unknown option" in capsys.readouterr().err
 
 
 def test_fast_forward_matches_the_assistant_loss(tiny_data):
