@@ -14,7 +14,6 @@ crash: ``no_features``, ``empty_answer``, ``missing_image_tag``, ``too_long``, `
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections import Counter, OrderedDict
@@ -27,6 +26,7 @@ import torch
 
 from slidechat.errors import DataError
 from slidechat.model import IGNORE_INDEX
+from slidechat.utils.io import BadLines, read_json_records, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +94,21 @@ class SkipCounter:
 # ------------------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """A JSON list (LLaVA style) or JSONL file of records."""
+def read_records(path: str | Path, skips: SkipCounter | None = None) -> list[dict]:
+    """A JSON list (LLaVA style) or JSONL file of records; malformed lines are skipped and counted
+    (``malformed_line``), read by the library's strict readers."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"training data file {path} not found")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); expected a LLaVA-style list") from exc
-        return [r for r in data if isinstance(r, dict)]
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not valid JSON, line skipped", path, n)
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
+    bad = BadLines(skip=True)
+    if path.suffix.lower() == ".jsonl":
+        records = read_jsonl(path, bad)
+    else:
+        records = read_json_records(path, bad, jsonl_fallback=True)
+    for b in bad.skipped:
+        log.warning("%s:%d: %s; skipped", b.source, b.line, b.reason)
+        if skips is not None:
+            skips.add("malformed_line", f"{Path(b.source).name}:{b.line}")
     return records
 
 
@@ -197,7 +187,7 @@ def load_samples(path: str | Path, kind: str, skips: SkipCounter, *, require_ima
                  multi_turn: bool = True) -> list[TrainSample]:
     """Read one data source into samples; bad records are counted in ``skips``."""
     samples: list[TrainSample] = []
-    records = read_records(path)
+    records = read_records(path, skips)
     src = str(path)
     for i, rec in enumerate(records):
         try:

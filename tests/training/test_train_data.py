@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from slidechat.errors import ConfigError
+from slidechat.errors import ConfigError, DataError
 from slidechat.features.store import write_features_h5
 from slidechat.training.data import (Collator, FeatureResolver, SkipCounter, SlideConversationDataset, llava_to_sample,
                            load_samples, slide_key)
@@ -153,3 +153,17 @@ def test_recipe_loading_and_errors(tmp_path):
         recipe_from_dict({"stage": 7})
     with pytest.raises(ConfigError, match="expected int"):
         recipe_from_dict({"train": {"batch_size": "four"}})
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path, feats_dir):
+    cap = tmp_path / "captions.jsonl"
+    cap.write_text('{"slide_id": "slideA", "caption": "Stroma."}\n{"slide_id": "slideB", "capt\n'
+                   '["not", "an", "object"]\n{"slide_id": "slideB", "caption": "Fat."}\n')
+    skips = SkipCounter()
+    samples = load_samples(cap, "captions", skips)
+    assert [s.slide_key for s in samples] == ["slideA", "slideB"]
+    assert skips.as_dict() == {"malformed_line": 2} and skips.examples["malformed_line"] == "captions.jsonl:2"
+    bad_json = tmp_path / "instr.json"
+    bad_json.write_text('[{"id": 1,')
+    with pytest.raises(DataError, match="instr.json"):
+        load_samples(bad_json, "instructions", SkipCounter())
