@@ -70,12 +70,20 @@ def _texts_from_sources(recipe) -> list[tuple[str, str]]:
 
 
 class _WithHeads(nn.Module):
-    """The assistant and the retrieval heads as one trainable (and checkpointed) module."""
+    """The assistant and the retrieval heads as one trainable (and checkpointed) module; its forward is the loss,
+    so a distributed wrapper sees the whole step."""
 
     def __init__(self, assistant, heads: RetrievalHeads) -> None:
         super().__init__()
         self.assistant = assistant
         self.heads = heads
+
+    def forward(self, feats: list[torch.Tensor], coords: list, text_feats: torch.Tensor, pair_ids: list[str],
+                itm_weight: float) -> torch.Tensor:
+        _, proj = self.assistant.encode_features(feats, coords)
+        sl = self.heads.slide_embed(torch.stack(proj.tokens))
+        loss, _ = itc_itm_loss(self.heads, sl, self.heads.text_embed(text_feats), itm_weight, pair_ids)
+        return loss
 
 
 class ContrastiveStage(Stage):
@@ -121,11 +129,8 @@ class ContrastiveStage(Stage):
     def loss(self, module, batch, ctx: TrainContext) -> StepOutput:
         feats, coords = zip(*(self.cache.get(self.resolver.resolve(self.pairs[i][0])) for i in batch))
         dev = ctx.device
-        _, proj = module.assistant.encode_features([f.to(dev) for f in feats],
-                                                   [None if c is None else c.to(dev) for c in coords])
-        sl = module.heads.slide_embed(torch.stack(proj.tokens))
-        tx = module.heads.text_embed(self.text_feats[batch].to(dev))
-        loss, _ = itc_itm_loss(module.heads, sl, tx, float(self.opts["itm_weight"]), [self.pairs[i][0] for i in batch])
+        loss = module([f.to(dev) for f in feats], [None if c is None else c.to(dev) for c in coords],
+                      self.text_feats[batch].to(dev), [self.pairs[i][0] for i in batch], float(self.opts["itm_weight"]))
         return StepOutput(loss, len(batch))
 
     def metrics_after(self, module, ctx: TrainContext, interrupted: bool) -> dict:

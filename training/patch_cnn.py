@@ -113,6 +113,17 @@ def collect_patches(synth_dir: str | Path, cfg: PatchCNNTrainConfig) -> tuple[np
     return np.concatenate(xs), np.concatenate(ys)
 
 
+class _Classifier(nn.Module):
+    """DemoCNN with its classification head as ``forward`` (what the stage trains)."""
+
+    def __init__(self, cnn) -> None:
+        super().__init__()
+        self.cnn = cnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cnn.classify(x)
+
+
 class PatchCNNStage(Stage):
     """DemoCNN classifying SynthSlide patches (flip / rotation augmentation); saves one ``.safetensors`` file."""
 
@@ -139,7 +150,7 @@ class PatchCNNStage(Stage):
         order = np.random.default_rng(cfg.seed).permutation(len(self.y))
         n_val = max(1, int(len(self.y) * cfg.val_fraction))
         self.val_idx, self.train_idx = order[:n_val], order[n_val:]
-        return model
+        return _Classifier(model)
 
     def _prep(self, batch: np.ndarray, augment: bool) -> torch.Tensor:
         t = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
@@ -164,7 +175,7 @@ class PatchCNNStage(Stage):
             yield idx if len(idx) >= 2 else None
 
     def loss(self, module, batch, ctx: TrainContext) -> StepOutput:
-        logits = module.classify(self._prep(self.x[batch], True).to(ctx.device))
+        logits = module(self._prep(self.x[batch], True).to(ctx.device))
         return StepOutput(F.cross_entropy(logits, torch.from_numpy(self.y[batch]).long().to(ctx.device)), len(batch))
 
     def on_epoch_end(self, module, epoch: int, mean_loss: float, ctx: TrainContext) -> None:
@@ -173,10 +184,10 @@ class PatchCNNStage(Stage):
     def metrics_after(self, module, ctx: TrainContext, interrupted: bool) -> dict:
         from slidechat.synth.classes import LABEL_NAMES
 
-        module.eval()
+        cnn = ctx.unwrapped.cnn.eval()
         val = self.val_idx
         with torch.no_grad():
-            pred = torch.cat([module.classify(self._prep(self.x[val[s:s + 256]], False).to(ctx.device)).argmax(1).cpu()
+            pred = torch.cat([cnn.classify(self._prep(self.x[val[s:s + 256]], False).to(ctx.device)).argmax(1).cpu()
                               for s in range(0, len(val), 256)]).numpy()
         counts = np.bincount(self.y, minlength=len(LABEL_NAMES))
         return {"patches": int(len(self.y)), "val_accuracy": round(float((pred == self.y[val]).mean()), 4),
@@ -186,7 +197,7 @@ class PatchCNNStage(Stage):
     def save_final(self, module, ctx: TrainContext) -> None:
         from slidechat.encoders.demo_cnn import save_demo_cnn
 
-        save_demo_cnn(module, self.out_path)
+        save_demo_cnn(module.cnn, self.out_path)
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state().tolist()}
@@ -194,6 +205,9 @@ class PatchCNNStage(Stage):
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+    def result(self, module):
+        return module.cnn
 
 
 def train_patch_cnn(synth_dir: str | Path, out_path: str | Path, cfg: PatchCNNTrainConfig | None = None, *,

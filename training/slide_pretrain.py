@@ -199,12 +199,16 @@ def attribute_accuracy(model, heads, data: list, cfg: SlidePretrainConfig, batch
 
 
 class _WithHeads(nn.Module):
-    """The assistant and the attribute heads as one trainable (and checkpointed) module."""
+    """The assistant and the attribute heads as one trainable (and checkpointed) module; its forward is the loss,
+    so a distributed wrapper sees the whole step."""
 
     def __init__(self, assistant, heads: AttributeHeads) -> None:
         super().__init__()
         self.assistant = assistant
         self.heads = heads
+
+    def forward(self, items: list, targets: list, cfg: SlidePretrainConfig, gen: torch.Generator) -> torch.Tensor:
+        return _batch_loss(self.assistant, self.heads, items, targets, cfg, True, gen)[0]
 
 
 class SlidePretrainStage(Stage):
@@ -262,20 +266,21 @@ class SlidePretrainStage(Stage):
             yield perm[s:s + bs]
 
     def loss(self, module, batch, ctx: TrainContext) -> StepOutput:
-        loss, _, _ = _batch_loss(module.assistant, module.heads, [self.data[i][0] for i in batch],
-                                 [self.data[i][1] for i in batch], self.cfg, True, self.gen)
+        loss = module([self.data[i][0] for i in batch], [self.data[i][1] for i in batch], self.cfg, self.gen)
         return StepOutput(loss, len(batch))
 
     def on_epoch_end(self, module, epoch: int, mean_loss: float, ctx: TrainContext) -> None:
         epochs = self.cfg.epochs
         if (epoch + 1) % max(1, epochs // 8) == 0 or epoch == epochs - 1:
-            acc = attribute_accuracy(module.assistant, module.heads, self.val_data, self.cfg) if self.val_data else {}
+            m = ctx.unwrapped
+            acc = attribute_accuracy(m.assistant, m.heads, self.val_data, self.cfg) if self.val_data else {}
             log.info("[slide-pretrain] epoch %d/%d loss %.4f %s", epoch + 1, epochs, mean_loss,
                      f"held-out {acc}" if acc else "")
 
     def metrics_after(self, module, ctx: TrainContext, interrupted: bool) -> dict:
-        acc = attribute_accuracy(module.assistant, module.heads, self.val_data, self.cfg) if self.val_data else {}
-        module.assistant.eval()
+        m = ctx.unwrapped
+        acc = attribute_accuracy(m.assistant, m.heads, self.val_data, self.cfg) if self.val_data else {}
+        m.assistant.eval()
         return {"slides": len(self.data), "val_slides": len(self.val_data), "held_out_attribute_accuracy": acc}
 
     def save_final(self, module, ctx: TrainContext) -> None:

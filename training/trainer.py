@@ -297,7 +297,8 @@ class Trainer:
         with acc.accumulate(self.module):
             out = self.stage.loss(self.module, batch, self.ctx)
             if not torch.isfinite(out.loss):
-                raise DataError(f"non-finite loss at step {self.progress.step}; lower train.lr")
+                ids = f" (batch {batch['ids'][:3]})" if isinstance(batch, dict) and "ids" in batch else ""
+                raise DataError(f"non-finite loss at step {self.progress.step}{ids}; lower train.lr")
             acc.backward(out.loss)
             if acc.sync_gradients and s.max_grad_norm:
                 self.grad_norm = acc.clip_grad_norm_(self.stage.clip_parameters(self.module), s.max_grad_norm)
