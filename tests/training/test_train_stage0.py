@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from slidechat.features.store import write_features_h5
 from slidechat.training.loop import train_stage
@@ -36,10 +38,10 @@ def test_stage0_contrastive_trains_and_retrieves(pairs):
 
     root, llm = pairs
     src = json.dumps([{"path": str(root / "captions.jsonl"), "kind": "captions"}])
-    r = load_recipe("training/recipes/tiny.yaml", [
-        "stage=0", f"output_dir={root / 's0'}", f"model.llm.name_or_path={llm}", f"data.features_dir={root / 'features'}",
-        f"data.sources={src}", "train.max_steps=30", "train.batch_size=8", "train.lr=4e-3", "train.log_every=10",
-        "contrastive={embed_dim: 32, itm_weight: 0.5, text_encoder: minilm}"])
+    sets = ["stage=0", f"model.llm.name_or_path={llm}", f"data.features_dir={root / 'features'}",
+            f"data.sources={src}", "train.max_steps=30", "train.batch_size=8", "train.lr=4e-3", "train.log_every=10",
+            "contrastive={embed_dim: 32, itm_weight: 0.5, text_encoder: minilm}"]
+    r = load_recipe("training/recipes/tiny.yaml", sets + [f"output_dir={root / 's0'}"])
     m = train_stage(r)
     assert m["final_loss"] < 0.7 * m["first_loss"], m
     ckpt = root / "s0" / "final"
@@ -51,3 +53,14 @@ def test_stage0_contrastive_trains_and_retrieves(pairs):
     assert {i for i, _ in top} <= {1, 5}  # the two tumour slides
     probs = ret.zero_shot(h5[2], ["This slide is mostly fat.", "This slide is mostly stroma."])
     assert probs["This slide is mostly stroma."] > 0.5
+
+    # the same trainer as stages 1/2: interrupted after 12 steps and resumed, it ends with the same weights
+    part = load_recipe("training/recipes/tiny.yaml", sets + [f"output_dir={root / 's0-part'}", "train.save_every=6"])
+    assert train_stage(part, stop_after=12)["interrupted"]
+    resumed = train_stage(part, resume=True)
+    assert resumed["steps"] == 30 and (root / "s0-part" / "final" / "retrieval.safetensors").is_file()
+    want = m["model"].trainable_state_dict()
+    got = resumed["model"].trainable_state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    heads_a, heads_b = (load_file(str(root / d / "final" / "retrieval.safetensors")) for d in ("s0", "s0-part"))
+    assert all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
