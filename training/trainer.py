@@ -348,7 +348,7 @@ class Trainer:
         done = p.step >= self.total_steps or (max_epochs is not None and p.epoch >= max_epochs)
         while not done:
             self.epoch_loss = [0.0, 0]
-            finished_epoch = True
+            finished_epoch, from_start = True, p.batches_done == 0
             for batch in self.stage.epoch_batches(p.epoch, p.batches_done, self.ctx):
                 p.batches_done += 1
                 if batch is None:
@@ -356,6 +356,8 @@ class Trainer:
                 if self._after_batch(self._optimizer_step(batch)):
                     done, finished_epoch = True, p.batches_done >= self.batches_per_epoch
                     break
+            if finished_epoch and from_start and self.epoch_loss[1] == 0:
+                raise DataError(f"{self.stage.name}: epoch {p.epoch} had no usable batch; check the data")
             if finished_epoch:
                 self.stage.on_epoch_end(self.module, p.epoch, self.epoch_loss[0] / max(1, self.epoch_loss[1]),
                                         self.ctx)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
+from slidechat.errors import DataError
 from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainerSettings
 
 
@@ -79,3 +81,12 @@ def test_max_steps_overrides_epochs_and_lr_follows_the_schedule(tmp_path):
     assert m["steps"] == 6
     lrs = [float(r.split(",")[3]) for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0
+
+
+def test_an_epoch_without_a_usable_batch_is_an_error(tmp_path):
+    class Empty(ToyStage):
+        def epoch_batches(self, epoch, start, ctx):
+            yield from [None] * (5 - start)
+
+    with pytest.raises(DataError, match="no usable batch"):
+        Trainer(Empty(), settings(max_steps=3), tmp_path).fit()
