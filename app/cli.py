@@ -29,7 +29,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=64, help="waiting requests before 'queue full' (default 64)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--cache-dir", default=None,
-                        help="features + example slides (default $SLIDECHAT_CACHE or ~/.cache/slidechat)")
+                        help="features + example slides (default $SLIDECHAT_CACHE_DIR or ~/.cache/slidechat)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-examples", action="store_true", help="do not generate the example synthetic slides")
@@ -76,9 +76,9 @@ def serve(args: argparse.Namespace, checkpoint: str | None) -> int:
         log.warning("serving on %s without --auth: anyone who can reach this port can use the app", config.host)
     assistant, label, banner = load_assistant(checkpoint)
     config.checkpoint_label, config.banner = label, banner
-    _, demo = prepare(assistant, config, with_examples=config.n_examples > 0)
+    service, demo = prepare(assistant, config, with_examples=config.n_examples > 0)
     log.info("SlideChat app on http://%s:%s (Ctrl-C to stop)", config.host, config.port)
-    launch(demo, config, block=True)
+    launch(demo, config, service.tiles, block=True)
     return 0
 
 

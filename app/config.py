@@ -8,12 +8,11 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
-    """``$SLIDECHAT_CACHE`` or ``$XDG_CACHE_HOME/slidechat`` or ``~/.cache/slidechat``."""
-    env = os.environ.get("SLIDECHAT_CACHE")
+    """The library's cache root: ``$SLIDECHAT_CACHE_DIR`` or ``~/.cache/slidechat`` (one variable for all)."""
+    env = os.environ.get("SLIDECHAT_CACHE_DIR")
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "slidechat"
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "slidechat"
 
 
 @dataclass
@@ -39,6 +38,9 @@ class AppConfig:
     title: str = "SlideChat"
     banner: str | None = None  # e.g. "no trained checkpoint yet" warning
     checkpoint_label: str = ""
+    evidence_k: int = 4  # attended regions shown after each answer
+    crop_size: int = 384  # longest side of an evidence crop (px)
+    tile_cache_mb: float = 256.0  # encoded Deep Zoom tiles kept in memory (all sessions)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -47,14 +47,32 @@ def write_conversation(path: Path, transcript: list[dict], slide_info: dict, mod
     return Path(path)
 
 
-def report_record(report: Any, slide_info: dict, model_label: str = "") -> dict:
+def report_record(report: Any, slide_info: dict, model_label: str = "", evidence: list[dict] | None = None) -> dict:
     return {
         "generated_at": _now(),
         "model": model_label,
         "slide": _jsonable(slide_info),
         "fields": _jsonable(dict(getattr(report, "fields", {}) or {})),
         "text": str(getattr(report, "text", "")),
+        "evidence": [{"rank": e["rank"], "box": _jsonable(e["box"]), "score": e["score"]} for e in evidence or []],
     }
+
+
+def evidence_caption(entry: dict, mpp: float | None = None) -> str:
+    x, y, w, h = entry["box"]
+    size = f"{w * mpp:.0f} × {h * mpp:.0f} µm" if mpp else f"{w} × {h} px"
+    return f"#{entry['rank']} · score {entry['score']:.2f} · at ({x:,}, {y:,}) · {size}"
+
+
+def evidence_html(evidence: list[dict], mpp: float | None = None) -> str:
+    """Numbered evidence crops as figures (embedded JPEG); ``data-box`` lets the page fly its viewer there."""
+    figs = []
+    for e in evidence:
+        box = html.escape(json.dumps([int(v) for v in e["box"]]))
+        img = _img_tag(e.get("crop"), evidence_caption(e, mpp), max_side=384, figure=False)
+        figs.append(f'<figure class="sc-crop" data-box="{box}" data-rank="{int(e["rank"])}" title="show on the slide">'
+                    f'{img}<figcaption>{html.escape(evidence_caption(e, mpp))}</figcaption></figure>')
+    return "".join(figs)
 
 
 def report_markdown(report: Any) -> str:
@@ -75,15 +93,16 @@ def markdown_to_html(markdown: str) -> str:
         return f"<pre>{html.escape(markdown)}</pre>"
 
 
-def _img_tag(image: Any, alt: str) -> str:
+def _img_tag(image: Any, alt: str, max_side: int = 800, figure: bool = True) -> str:
     if image is None:
-        return ""
+        return "" if figure else '<div class="sc-crop-missing">no image</div>'
     img = image.convert("RGB")
-    img.thumbnail((800, 800))
+    img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/jpeg;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    tag = f'<img alt="{html.escape(alt)}" src="data:image/jpeg;base64,{data}">'
+    return f"<figure>{tag}<figcaption>{html.escape(alt)}</figcaption></figure>" if figure else tag
 
 
 _CSS = """
@@ -91,12 +110,13 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:96
 h1{font-size:1.6rem;margin-bottom:.2rem} .meta{color:#6b7280;font-size:.9rem}
 table{border-collapse:collapse;margin:1rem 0} td,th{border:1px solid #d1d5db;padding:.3rem .6rem;text-align:left}
 figure{display:inline-block;margin:.5rem} img{max-width:440px;border:1px solid #e5e7eb;border-radius:6px}
-.note{background:#fef3c7;border:1px solid #f59e0b;padding:.5rem .8rem;border-radius:6px}
+.evidence figure{width:200px;vertical-align:top} .evidence img{max-width:196px}
+figcaption{font-size:.8rem;color:#4b5563} .note{background:#fef3c7;border:1px solid #f59e0b;padding:.5rem .8rem;border-radius:6px}
 """
 
 
 def report_html(report: Any, slide_info: dict, images: dict[str, Any] | None = None, model_label: str = "",
-                note: str | None = None) -> str:
+                note: str | None = None, evidence: list[dict] | None = None) -> str:
     """A self-contained HTML page: slide facts, images (embedded PNG), the report and its fields."""
     facts = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in slide_info.items()
@@ -118,6 +138,7 @@ Machine-generated; not a diagnosis.</p>
 {note_html}
 <h2>Slide</h2><table>{facts}</table>
 {figs}
+{'<h2>Evidence: the most attended regions</h2><div class="evidence">' + evidence_html(evidence) + '</div>' if evidence else ''}
 <h2>Report</h2>
 {markdown_to_html(report_markdown(report))}
 <h2>Structured fields</h2><table>{field_rows}</table>
@@ -126,11 +147,12 @@ Machine-generated; not a diagnosis.</p>
 
 
 def write_report_files(out_dir: Path, stem: str, report: Any, slide_info: dict, images: dict[str, Any] | None = None,
-                       model_label: str = "", note: str | None = None) -> tuple[Path, Path]:
+                       model_label: str = "", note: str | None = None,
+                       evidence: list[dict] | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.report.json`` and ``<stem>.report.html`` into ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)
     json_path = out_dir / f"{stem}.report.json"
     html_path = out_dir / f"{stem}.report.html"
-    write_json_atomic(json_path, report_record(report, slide_info, model_label))
-    write_text_atomic(html_path, report_html(report, slide_info, images, model_label, note))
+    write_json_atomic(json_path, report_record(report, slide_info, model_label, evidence))
+    write_text_atomic(html_path, report_html(report, slide_info, images, model_label, note, evidence))
     return json_path, html_path

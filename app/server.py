@@ -38,6 +38,7 @@ def prepare(assistant: Any, config: AppConfig, with_examples: bool = True):
 
     service = ChatService(assistant, config)
     atexit.register(service.registry.close_all)
+    _close_on_sigterm(service)
     examples: dict[str, Path] = {}
     if with_examples and config.n_examples > 0:
         try:
@@ -45,6 +46,22 @@ def prepare(assistant: Any, config: AppConfig, with_examples: bool = True):
         except Exception:  # examples are a convenience; the app must start without them
             log.exception("could not prepare example slides")
     return service, build_demo(service, examples)
+
+
+def _close_on_sigterm(service: ChatService) -> None:
+    """SIGTERM ends the app like Ctrl-C does: sessions closed, their temp folders removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_term(signum, frame):
+        service.registry.close_all()
+        service.tiles.close_all()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def theme():
@@ -56,9 +73,11 @@ def theme():
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system, font_mono=mono)
 
 
-def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
-    """Queue + launch ``demo`` with the config's network, auth, size and concurrency limits."""
-    from slidechat.app.ui import CSS
+def launch(demo, config: AppConfig, tiles, *, block: bool = True, quiet: bool = False):
+    """Queue + launch ``demo`` with the config's network, auth, size and concurrency limits; the viewer's
+    tile routes (``tiles``: the service's TileServer) are served by the same server."""
+    from slidechat.app.routes import gradio_app_with_viewer
+    from slidechat.app.ui import CSS, HEAD
 
     demo.queue(max_size=config.queue_size, default_concurrency_limit=max(4, config.concurrency))
     return demo.launch(
@@ -73,6 +92,8 @@ def launch(demo, config: AppConfig, *, block: bool = True, quiet: bool = False):
         css=CSS,
         theme=theme(),
         footer_links=[],
+        head=HEAD,
+        _app=gradio_app_with_viewer(tiles),
     )
 
 
@@ -96,5 +117,5 @@ def start_in_background(assistant: Any, config: AppConfig, examples: dict[str, P
         config.port = free_port(config.host)
     service = ChatService(assistant, config)
     demo = build_demo(service, examples or {})
-    launch(demo, config, block=False, quiet=True)
+    launch(demo, config, service.tiles, block=False, quiet=True)
     return f"http://{config.host}:{config.port}/", demo, service

@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterator
 
 from slidechat.errors import MissingMppError, NoTissueError, SlideChatError, SlideReadError
 from slidechat import viz
+from slidechat.inference.region import parse_region
 
 from slidechat.app.config import AppConfig
 from slidechat.app.session import SessionRegistry, SlideSession
-from slidechat.app import export
+from slidechat.app import export, overlays
+from slidechat.app.tiles import TileServer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,33 @@ def user_message(exc: BaseException, hide: dict[str, str] | None = None) -> str:
     return text
 
 
+def _open_error_text(exc: SlideChatError, path: Path, name: str) -> str:
+    """The error as the app's user should read it (their file name, the app's own controls)."""
+    text = user_message(exc, {str(path): name, str(path.parent) + "/": ""})
+    if isinstance(exc, NoTissueError):  # the app has no threshold option: say what to check instead
+        text = re.sub(r";\s*if the slide is faint.*$", "; check that the file shows stained tissue "
+                      "(a faint slide can be extracted with `slidechat extract --tissue-threshold`)", text)
+    if isinstance(exc, MissingMppError):
+        text = text.replace("pass it with --mpp", "enter it under Advanced → Microns per pixel") \
+                   .replace("--mpp ", "").replace("--mpp", "microns per pixel")
+    return text
+
+
+def _slide_facts(name: str, info: dict, level0: tuple[int, int], mpp: float | None, tissue: Any, n: int,
+                 sha256: str) -> dict[str, Any]:
+    return {
+        "slide": name,
+        "vendor": info.get("vendor") or "unknown",
+        "size (px)": f"{level0[0]:,} × {level0[1]:,}",
+        "mpp (µm/px)": f"{float(info['mpp']):.3f}" if info.get("mpp") else (f"{mpp:.3f} (given)" if mpp else "unknown"),
+        "magnification": f"{info['magnification']:g}×" if info.get("magnification") else "unknown",
+        "levels": info.get("levels"),
+        "tissue": f"{100 * tissue.tissue_fraction:.1f}% of the thumbnail",
+        "patches": n,
+        "sha256": str(sha256)[:16] + "…",
+    }
+
+
 class ChatService:
     """One model shared by all sessions; every method takes the caller's ``SlideSession``."""
 
@@ -88,6 +117,8 @@ class ChatService:
         self.config = config
         self.registry = registry or SessionRegistry(max_sessions=config.max_sessions, ttl_s=config.session_ttl_s)
         self._heatmap_lock = threading.Lock()  # the LLM-weighted heatmap switches the attention implementation
+        self.tiles = TileServer(cache_bytes=int(config.tile_cache_mb * 1024 * 1024))
+        self.registry.on_close.append(self.tiles.close_session)
         Path(config.features_dir).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ slides
@@ -104,6 +135,7 @@ class ChatService:
                 f"{name} is {_human_bytes(size)}, over this app's upload limit of {self.config.max_upload_mb:g} MB; "
                 "start the app with a larger --max-upload-mb, or run `slidechat extract` on the file instead")
         if size == 0:
+            src.unlink(missing_ok=True)
             raise SlideReadError(f"{name}: the file is empty; re-export or re-copy the slide")
         with session.task("receiving an upload"):
             session.clear_slide()
@@ -116,6 +148,14 @@ class ChatService:
                 shutil.copyfile(src, dest)
         return dest
 
+    def open_viewer(self, session: SlideSession, path: str | Path, mpp: float | None = None) -> Any:
+        """Register ``path`` with the tile server for this session (the viewer can show it at once); returns the
+        ``ViewerSlide``. Opening another slide or ending the session revokes the previous token."""
+        slide = self.tiles.open(session.session_id, path, mpp=mpp)
+        session.level0_size = (slide.zoom.width, slide.zoom.height)
+        session.viewer_version += 1
+        return slide
+
     def open_slide(self, session: SlideSession, path: str | Path, *, display_name: str | None = None,
                    mpp: float | None = None, progress: ProgressFn | None = None) -> SlideSummary:
         """Read the slide, find tissue (thumbnail + outline), encode it (cached by sha256), start a conversation.
@@ -123,9 +163,6 @@ class ChatService:
         Raises SlideChatError subclasses (not a slide, truncated, bomb, no tissue, no mpp) with messages that
         name the file as the user knows it.
         """
-        from slidechat.slide.reader import SlideReader
-        from slidechat.slide.tissue import detect_tissue
-
         path = Path(path)
         name = display_name or path.name
         t0 = time.perf_counter()
@@ -141,58 +178,64 @@ class ChatService:
                     and Path(session.slide.source_path) != path:
                 session.clear_slide()
             try:
-                on_progress("tissue", 0, 1)
-                with SlideReader(path, mpp=mpp) as reader:
-                    info = reader.info()
-                    if mpp is None:
-                        _ = reader.mpp  # raises MissingMppError with what to do
-                    tissue = detect_tissue(reader, thumbnail_size=self.config.thumbnail_size)
-                    level0 = tuple(int(v) for v in reader.dimensions)
-                on_progress("tissue", 1, 1)
+                if self.tiles.for_session(session.session_id) is None \
+                        or self.tiles.for_session(session.session_id).path != path.resolve():
+                    self.open_viewer(session, path, mpp)
+                info, tissue, level0 = self._detect_tissue(session, path, mpp, on_progress)
                 encoded = self.assistant.encode_slide(path, mpp=mpp, progress=on_progress,
                                                       cache_dir=self.config.features_dir)
                 conversation = self.assistant.chat(encoded, max_new_tokens=self.config.max_new_tokens)
             except SlideChatError as exc:
-                text = user_message(exc, {str(path): name, str(path.parent) + "/": ""})
-                if isinstance(exc, NoTissueError):  # the app has no threshold option: say what to check instead
-                    text = re.sub(r";\s*if the slide is faint.*$", "; check that the file shows stained tissue "
-                                  "(a faint slide can be extracted with `slidechat extract --tissue-threshold`)", text)
-                if isinstance(exc, MissingMppError):
-                    text = text.replace("pass it with --mpp", "enter it under Advanced → Microns per pixel") \
-                               .replace("--mpp ", "").replace("--mpp", "microns per pixel")
-                raise type(exc)(text) from exc
-            from PIL import Image
-
-            thumb = Image.fromarray(tissue.thumbnail) if tissue.thumbnail is not None else None
-            session.thumbnail = thumb
-            session.outlined = viz.draw_tissue_outline(thumb, tissue.contours, level0) if thumb is not None else None
-            session.level0_size = level0
-            session.slide = encoded
-            session.conversation = conversation
-            session.source_name = name
-            session.heatmap = None
-            session.transcript = []
+                raise type(exc)(_open_error_text(exc, path, name)) from exc
+            self._set_grid_layer(session, encoded)
+            session.slide, session.conversation, session.source_name = encoded, conversation, name
+            session.heatmap, session.transcript = None, []
             n = int(encoded.features.features.shape[0])
-            facts = {
-                "slide": name,
-                "vendor": info.get("vendor") or "unknown",
-                "size (px)": f"{level0[0]:,} × {level0[1]:,}",
-                "mpp (µm/px)": f"{float(info['mpp']):.3f}" if info.get("mpp") else (f"{mpp:.3f} (given)" if mpp else "unknown"),
-                "magnification": f"{info['magnification']:g}×" if info.get("magnification") else "unknown",
-                "levels": info.get("levels"),
-                "tissue": f"{100 * tissue.tissue_fraction:.1f}% of the thumbnail",
-                "patches": n,
-                "sha256": str(encoded.sha256)[:16] + "…",
-            }
-            session.info = facts
-            cached = "encoding" not in stages_seen
+            session.info = _slide_facts(name, info, level0, mpp, tissue, n, encoded.sha256)
             session.touch()
-            return SlideSummary(facts=facts, num_patches=n, cached=cached, seconds=time.perf_counter() - t0)
+            return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
+                                seconds=time.perf_counter() - t0)
+
+    def _detect_tissue(self, session: SlideSession, path: Path, mpp: float | None, on_progress: ProgressFn):
+        """(info, tissue mask, level-0 size); sets the thumbnail, the outlined thumbnail and the outline layer."""
+        from PIL import Image
+
+        from slidechat.slide.reader import SlideReader
+        from slidechat.slide.tissue import detect_tissue
+
+        on_progress("tissue", 0, 1)
+        with SlideReader(path, mpp=mpp) as reader:
+            info = reader.info()
+            if mpp is None:
+                _ = reader.mpp  # raises MissingMppError with what to do
+            tissue = detect_tissue(reader, thumbnail_size=self.config.thumbnail_size)
+            level0 = tuple(int(v) for v in reader.dimensions)
+        on_progress("tissue", 1, 1)
+        thumb = Image.fromarray(tissue.thumbnail) if tissue.thumbnail is not None else None
+        session.thumbnail = thumb
+        session.outlined = viz.draw_tissue_outline(thumb, tissue.contours, level0) if thumb is not None else None
+        session.level0_size = level0
+        self.tiles.set_overlay(session.session_id, "tissue", overlays.tissue_outline_layer(tissue.contours, level0))
+        session.viewer_version += 1
+        return info, tissue, level0
+
+    def _set_grid_layer(self, session: SlideSession, encoded: Any) -> None:
+        coords = getattr(encoded.features, "coords", None)
+        if coords is None or not len(coords):
+            return
+        try:
+            layer = overlays.patch_grid_layer(coords, float(encoded.patch_size_level0), session.level0_size[0])
+            self.tiles.set_overlay(session.session_id, "grid", layer)
+        except Exception:  # a missing layer is shown as missing; the slide stays usable
+            log.exception("patch grid layer failed")
 
     # ------------------------------------------------------------------ chat
-    def ask(self, session: SlideSession, question: str, max_new_tokens: int | None = None) -> Iterator[str]:
-        """Stream the answer to ``question`` as growing text; appends both turns to the transcript and
-        computes the heatmap of this answer when the stream ends."""
+    def ask(self, session: SlideSession, question: str, max_new_tokens: int | None = None,
+            region: Any = None) -> Iterator[str]:
+        """Stream the answer to ``question`` as growing text; appends both turns to the transcript, then
+        computes this answer's heatmap, viewer layer and evidence (each failure is kept apart from the answer).
+
+        ``region`` ((x, y, w, h) or "x,y,w,h", level-0 px) answers from the patches inside that rectangle."""
         question = (question or "").strip()
         if session.conversation is None:
             raise SlideChatError("open a slide first: upload one or pick an example")
@@ -201,9 +244,11 @@ class ChatService:
         if len(question) > self.config.max_question_chars:
             raise SlideChatError(f"the question is {len(question)} characters long; keep it under "
                                  f"{self.config.max_question_chars}")
+        box = parse_region(region) if region not in (None, "") else None
         with session.task("answering a question"):
-            conv = session.conversation
-            session.transcript.append({"role": "user", "content": question})
+            conv = session.conversation.region_conversation(box) if box is not None else session.conversation
+            shown = question if box is None else f"[region {box[0]},{box[1]} {box[2]}×{box[3]} px] {question}"
+            session.transcript.append({"role": "user", "content": shown})
             answer = ""
             try:
                 for piece in conv.ask(question, stream=True, max_new_tokens=max_new_tokens or self.config.max_new_tokens):
@@ -211,16 +256,77 @@ class ChatService:
                     yield answer
             finally:
                 session.transcript.append({"role": "assistant", "content": answer.strip() or "…"})
+            session.region = box
+            self._after_answer(session, conv)
+
+    def _after_answer(self, session: SlideSession, conv: Any) -> None:
+        """Heatmap -> heatmap layer -> evidence crops; a failing step records why and leaves the others."""
+        session.heatmap = session.heatmap_error = session.evidence_error = None
+        session.evidence = []
+        try:
             session.heatmap = self._heatmap(conv)
+        except Exception as exc:
+            log.exception("heatmap failed")
+            session.heatmap_error = f"heatmap unavailable ({user_message(exc)})"
+        session.viewer_version += 1
+        hm = session.heatmap
+        try:
+            layer = None
+            if hm is not None and hm.has_coords:
+                layer = overlays.heatmap_layer(hm.scores, hm.coords, hm.patch_size_level0, session.level0_size[0])
+            self.tiles.set_overlay(session.session_id, "heatmap", layer)
+        except Exception as exc:
+            log.exception("heatmap layer failed")
+            session.heatmap_error = f"heatmap layer unavailable ({user_message(exc)})"
+        if hm is None:
+            session.evidence_error = session.heatmap_error or "no heatmap for this answer"
+            return
+        try:
+            session.evidence = self._evidence(session, hm)
+        except Exception as exc:
+            log.exception("evidence failed")
+            session.evidence_error = user_message(exc)
+
+    def _evidence(self, session: SlideSession, heatmap: Any) -> list[dict]:
+        from slidechat.inference.evidence import crop_region, top_regions
+
+        regions = top_regions(heatmap, self.config.evidence_k)
+        path = session.slide.source_path
+        viewer = self.tiles.for_session(session.session_id)
+        out = []
+        for r in regions:
+            crop = None
+            if path is not None and heatmap.has_coords:
+                crop = crop_region(path, r.box, max_size=self.config.crop_size, mpp=viewer.mpp if viewer else None)
+            out.append({"rank": r.rank, "box": [int(v) for v in r.box], "score": float(r.score), "crop": crop})
+        return out
 
     def _heatmap(self, conv: Any) -> Any:
-        try:
-            with self._heatmap_lock:
+        with self._heatmap_lock:
+            try:
                 return conv.heatmap(weighting="llm")
-        except TypeError:  # a model whose heatmap takes no weighting
-            return conv.heatmap()
-        except SlideChatError:
-            return conv.heatmap()
+            except TypeError:  # a model whose heatmap takes no weighting
+                return conv.heatmap()
+            except SlideChatError:
+                return conv.heatmap()
+
+    def viewer_state(self, session: SlideSession) -> dict[str, Any]:
+        """What the page's viewer needs: the Deep Zoom URL, layer URLs and widths, mpp, evidence boxes."""
+        slide = self.tiles.for_session(session.session_id)
+        if slide is None:
+            return {}
+        v = session.viewer_version
+        width = max(1, slide.zoom.width)
+        layers = {}
+        for name, layer in slide.overlays.items():
+            layers[name] = {"url": f"{slide.base_url}/overlay/{name}.png?v={v}", "width": layer.width_fraction}
+        return {
+            "dzi": f"{slide.base_url}/slide.dzi", "width": width, "height": slide.zoom.height, "mpp": slide.mpp,
+            "overlays": layers, "version": v,
+            "evidence": [{k: e[k] for k in ("rank", "box", "score")} for e in session.evidence],
+            "region": list(session.region) if session.region else None,
+            "heatmap_note": session.heatmap_error or "",
+        }
 
     def clear_chat(self, session: SlideSession) -> None:
         """Start the conversation over (the slide stays open and encoded)."""
@@ -235,6 +341,7 @@ class ChatService:
         """Forget the slide, the conversation and the session's files."""
         with session.task("restarting"):
             session.clear_slide()
+            self.tiles.close_session(session.session_id)
 
     # ------------------------------------------------------------------ images
     def slide_image(self, session: SlideSession, show_heatmap: bool = True, alpha: float = 0.45) -> Any:
@@ -262,8 +369,29 @@ class ChatService:
             stem = safe_filename(Path(session.source_name).stem or "slide")
             out = session.workdir / "downloads"
             json_path, html_path = export.write_report_files(out, stem, report, session.info, images,
-                                                             self.config.checkpoint_label, note)
+                                                             self.config.checkpoint_label, note,
+                                                             evidence=self._report_evidence(session, report))
             return export.report_markdown(report), json_path, html_path
+
+    def _report_evidence(self, session: SlideSession, report: Any) -> list[dict]:
+        """The report's own evidence regions with crops cut from the slide (else the last answer's evidence)."""
+        from slidechat.inference.evidence import crop_region
+
+        regions = list(getattr(report, "evidence", None) or [])
+        if not regions:
+            return [dict(e) for e in session.evidence]
+        viewer = self.tiles.for_session(session.session_id)
+        out = []
+        for r in regions:
+            entry = {"rank": int(r.get("rank", len(out) + 1)), "box": [int(v) for v in r["box"]],
+                     "score": float(r.get("score", 0.0)), "crop": None}
+            try:
+                entry["crop"] = crop_region(session.slide.source_path, entry["box"], max_size=self.config.crop_size,
+                                            mpp=viewer.mpp if viewer else None)
+            except Exception:  # the region stays listed with its box even without its picture
+                log.exception("report evidence crop failed")
+            out.append(entry)
+        return out
 
     def export_conversation(self, session: SlideSession) -> Path:
         """Write the conversation (slide facts + messages) as JSON into the session folder."""

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from slidechat.errors import SlideChatError
 
@@ -43,6 +43,11 @@ class SlideSession:
     level0_size: tuple[int, int] = (0, 0)
     info: dict = field(default_factory=dict)  # slide facts for display
     heatmap: Any = None  # Heatmap of the last answer
+    heatmap_error: str | None = None  # why the last answer has no heatmap
+    evidence: list[dict] = field(default_factory=list)  # [{rank, box, score, crop: PIL.Image}] of the last answer
+    evidence_error: str | None = None  # why the last answer has no evidence
+    region: tuple[int, int, int, int] | None = None  # the region the last answer came from
+    viewer_version: int = 0  # bumps whenever a viewer layer changes (busts the browser's overlay cache)
     transcript: list[dict] = field(default_factory=list)  # [{"role", "content"}] as shown in the page
     report: Any = None
     last_used: float = field(default_factory=time.monotonic)
@@ -73,6 +78,8 @@ class SlideSession:
         """Forget the slide and everything derived from it (files in workdir are removed)."""
         self.slide = self.conversation = self.thumbnail = self.outlined = None
         self.heatmap = self.report = None
+        self.heatmap_error = self.evidence_error = self.region = None
+        self.evidence = []
         self.info = {}
         self.transcript = []
         self.source_name = ""
@@ -94,6 +101,7 @@ class SessionRegistry:
     """Thread-safe map session id -> SlideSession, with idle expiry and a cap on live sessions."""
 
     def __init__(self, root: Path | None = None, max_sessions: int = 64, ttl_s: float = 3 * 3600.0):
+        self.on_close: list[Callable[[str], None]] = []  # called with the id of every session that ends
         self._own_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="slidechat-app-"))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -171,9 +179,10 @@ class SessionRegistry:
             expired.extend(oldest)
         return expired
 
-    @staticmethod
-    def _close_quietly(session: SlideSession) -> None:
+    def _close_quietly(self, session: SlideSession) -> None:
         try:
+            for hook in self.on_close:
+                hook(session.session_id)
             with session.lock:
                 session.close()
         except Exception:  # cleanup must never take the app down

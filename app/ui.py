@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from slidechat.errors import SlideChatError
 from slidechat.app.config import AppConfig
 from slidechat.app.service import STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, user_message
 from slidechat.app.session import SlideSession
+from slidechat.app import export
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,46 @@ CSS = """
   background: linear-gradient(90deg, #30123b, #4686fb, #1ae4b6, #a2fc3c, #faba39, #e4460a, #7a0403);}
 #sc-facts table {font-size: 0.88rem;}
 .sc-suggest button {font-size: 0.82rem !important;}
+#sc-viewer-wrap {position: relative;}
+#sc-osd {width: 100%; height: 520px; background: #f3f4f6; border: 1px solid var(--border-color-primary);
+         border-radius: 8px;}
+#sc-osd-empty {position: absolute; inset: 0; display: flex; align-items: center; justify-content: center;
+               color: var(--body-text-color-subdued); pointer-events: none;}
+#sc-viewer-state {display: none;}
+.sc-toolbar {display: flex; flex-wrap: wrap; gap: 0.8rem; align-items: center; font-size: 0.85rem; margin: 0.3rem 0;}
+.sc-toolbar button {border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 0.15rem 0.55rem;
+                    background: var(--background-fill-secondary); cursor: pointer;}
+.sc-toolbar button.sc-active {background: #4f46e5; color: white;}
+#sc-scalebar {position: absolute; left: 12px; bottom: 12px; background: rgba(255,255,255,0.85); padding: 2px 6px;
+              border-radius: 4px; font-size: 0.75rem; color: #111; pointer-events: none; display: none;}
+.sc-scalebar-line {height: 4px; background: #111; margin-top: 2px;}
+.sc-evidence-box {border: 3px solid #f59e0b; box-sizing: border-box; pointer-events: none;}
+.sc-evidence-box span {position: absolute; top: -1.4em; left: -3px; background: #f59e0b; color: #111;
+                       font: bold 0.8rem/1.3 system-ui; padding: 0 5px; border-radius: 3px;}
+.sc-region-box {border: 2px dashed #4f46e5; background: rgba(79,70,229,0.12); box-sizing: border-box;
+                pointer-events: none;}
+#sc-evidence {display: flex; flex-wrap: wrap; gap: 0.5rem;}
+#sc-evidence .sc-crop {margin: 0; width: 170px; cursor: pointer; border: 1px solid var(--border-color-primary);
+                       border-radius: 6px; padding: 3px; background: var(--background-fill-secondary);}
+#sc-evidence .sc-crop img {width: 100%; border-radius: 4px; display: block;}
+#sc-evidence figcaption {font-size: 0.72rem; color: var(--body-text-color-subdued);}
+.sc-evidence-note {font-size: 0.8rem; color: #92400e;}
 """
+
+HEAD = ('<script src="/slidechat/static/openseadragon/openseadragon.min.js"></script>'
+        '<script src="/slidechat/static/viewer.js"></script>')
+
+VIEWER_HTML = """<div id="sc-viewer-wrap"><div class="sc-toolbar">
+<label><input type="checkbox" id="sc-layer-tissue" checked> tissue outline</label>
+<label><input type="checkbox" id="sc-layer-heatmap" checked> attention heatmap</label>
+<label>opacity <input type="range" id="sc-layer-opacity" min="0" max="1" step="0.05" value="0.45"></label>
+<label><input type="checkbox" id="sc-layer-grid"> patch grid</label>
+<button type="button" id="sc-draw-region" title="drag a rectangle on the slide">▭ draw region</button>
+<button type="button" id="sc-view-region" title="the part of the slide in view">ask about this view</button>
+<span id="sc-layer-note" class="sc-evidence-note"></span></div>
+<div style="position:relative"><div id="sc-osd"></div><div id="sc-osd-empty">Open a slide to view it here.</div>
+<div id="sc-scalebar"><div class="sc-scalebar-label"></div><div class="sc-scalebar-line"></div></div></div></div>"""
+
 
 
 def _status(kind: str, text: str) -> str:
@@ -60,6 +101,20 @@ def _facts_markdown(facts: dict[str, Any]) -> str:
     return "| Slide facts | |\n|---|---|\n" + rows
 
 
+def _viewer_state_html(state: dict) -> str:
+    return f'<div data-state="{html.escape(json.dumps(state), quote=True)}"></div>'
+
+
+def _evidence_panel(session: SlideSession, mpp: float | None) -> str:
+    """The last answer's evidence crops (clicking one flies the viewer there), or why there are none."""
+    if session.evidence:
+        return '<div class="sc-evidence-title">Where the model looked (click a region to show it):</div>' + \
+            export.evidence_html(session.evidence, mpp)
+    if session.evidence_error and session.transcript:
+        return f'<div class="sc-evidence-note">⚠ Evidence unavailable: {html.escape(session.evidence_error)}</div>'
+    return ""
+
+
 def _session(service: ChatService, request: gr.Request | None) -> SlideSession:
     return service.registry.get(getattr(request, "session_hash", None) or "anonymous")
 
@@ -75,119 +130,269 @@ def _progress_callback(progress: Any):
     return report
 
 
-def build_demo(service: ChatService, examples: dict[str, Path] | None = None) -> gr.Blocks:
-    """The Blocks app for ``service`` (call ``.queue()`` / ``.launch()`` via ``app.server.launch``)."""
-    config: AppConfig = service.config
-    examples = dict(examples or {})
+class Handlers:
+    """The page's event handlers over one ``ChatService`` (each finds the caller's session by its hash)."""
 
-    # ------------------------------------------------------------------ handlers
-    def open_path(session: SlideSession, path: Path, name: str, mpp: float | None, progress: Any):
-        summary = service.open_slide(session, path, display_name=name, mpp=mpp or None,
-                                     progress=_progress_callback(progress))
-        how = "features reused from the cache" if summary.cached else f"encoded in {summary.seconds:.1f} s"
-        status = _status("ok", f"Opened {name}: {summary.num_patches} tissue patches ({how}). Ask a question below.")
-        return status
+    def __init__(self, service: ChatService, examples: dict[str, Path]):
+        self.service = service
+        self.config: AppConfig = service.config
+        self.examples = examples
 
-    def after_open(session: SlideSession, status: str, show: bool, alpha: float):
-        image = service.slide_image(session, show, alpha)
-        return (status, image, _facts_markdown(session.info), list(session.transcript), "",
-                gr.update(value=None, visible=False), gr.update(value=None, visible=False),
-                gr.update(value=None, interactive=False))
+    def session(self, request: gr.Request | None) -> SlideSession:
+        return _session(self.service, request)
 
-    def on_upload(file: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
-                  progress=gr.Progress()):
-        session = _session(service, request)
+    def viewer(self, session: SlideSession) -> str:
+        return _viewer_state_html(self.service.viewer_state(session))
+
+    def evidence(self, session: SlideSession) -> str:
+        slide = self.service.tiles.for_session(session.session_id)
+        return _evidence_panel(session, slide.mpp if slide else None)
+
+    # ---- opening a slide: the viewer shows it at once, encoding follows as its own queued step
+    def start_upload(self, file: str | None, request: gr.Request):
+        session = self.session(request)
         if not file:
-            return (gr.skip(),) * 8 + (None,)
+            return gr.skip(), gr.skip(), ""
         name = Path(str(file)).name
         try:
-            path = service.ingest_upload(session, file, name)
-            status = open_path(session, path, name, mpp, progress)
+            path = self.service.ingest_upload(session, file, name)
+            self.service.open_viewer(session, path)
         except SlideChatError as exc:
             if session.busy is None:
                 session.clear_slide()
+                self.service.tiles.close_session(session.session_id)
+            return _status("error", f"Could not open this slide. {user_message(exc)}"), self.viewer(session), ""
+        session.info = {"pending": str(path)}
+        return (_status("info", f"Opening {name}: the slide is shown; detecting tissue, tiling and encoding…"),
+                self.viewer(session), str(path))
+
+    def encode_upload(self, pending: str, mpp: float | None, show: bool, alpha: float, request: gr.Request,
+                      progress=gr.Progress()):
+        session = self.session(request)
+        if not pending:
+            return (gr.skip(),) * 10 + (None,)
+        return self._open(session, Path(pending), Path(pending).name, mpp, show, alpha, progress) + (None,)
+
+    def open_example(self, label: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
+                     progress=gr.Progress()):
+        session = self.session(request)
+        if not label or label not in self.examples:
+            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 9
+        return self._open(session, self.examples[label], label, mpp, show, alpha, progress)
+
+    def _open(self, session: SlideSession, path: Path, name: str, mpp: float | None, show: bool, alpha: float,
+              progress: Any):
+        try:
+            summary = self.service.open_slide(session, path, display_name=name, mpp=mpp or None,
+                                              progress=_progress_callback(progress))
+            how = "features reused from the cache" if summary.cached else f"encoded in {summary.seconds:.1f} s"
+            status = _status("ok", f"Opened {name}: {summary.num_patches} tissue patches ({how}). "
+                                   "Ask a question below.")
+        except SlideChatError as exc:
+            if session.busy is None:
+                session.clear_slide()
+                self.service.tiles.close_session(session.session_id)
             status = _status("error", f"Could not open this slide. {user_message(exc)}")
         except Exception as exc:  # keep serving whatever happens
-            log.exception("opening upload %s failed", name)
+            log.exception("opening %s failed", name)
             status = _status("error", user_message(exc))
-        return after_open(session, status, show, alpha) + (None,)
+        image = self.service.slide_image(session, show, alpha)
+        return (status, image, _facts_markdown(session.info), list(session.transcript), "",
+                gr.update(value=None, visible=False), gr.update(value=None, visible=False),
+                gr.update(value=None, interactive=False), self.viewer(session), "")
 
-    def on_example(label: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
-                   progress=gr.Progress()):
-        session = _session(service, request)
-        if not label or label not in examples:
-            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 7
-        try:
-            status = open_path(session, examples[label], label, mpp, progress)
-        except SlideChatError as exc:
-            status = _status("error", f"Could not open the example: {user_message(exc)}")
-        except Exception as exc:
-            log.exception("opening example %s failed", label)
-            status = _status("error", user_message(exc))
-        return after_open(session, status, show, alpha)
-
-    def on_ask(question: str, show: bool, alpha: float, request: gr.Request):
-        session = _session(service, request)
+    # ---- chat
+    def ask(self, question: str, show: bool, alpha: float, region: str, request: gr.Request):
+        session = self.service.registry.get(getattr(request, "session_hash", None) or "anonymous")
         history = list(session.transcript)
         question = (question or "").strip()
+        keep = (gr.skip(),) * 2
         if not question:
-            yield history, gr.skip(), gr.skip(), _status("info", "Type a question about the slide."), gr.skip()
+            yield (history, gr.skip(), gr.skip(), _status("info", "Type a question about the slide."),
+                   gr.skip()) + keep
             return
         try:
-            stream = service.ask(session, question)
+            stream = self.service.ask(session, question, region=(region or "").strip() or None)
             shown = history + [{"role": "user", "content": question}]
-            yield shown + [{"role": "assistant", "content": "…"}], "", gr.skip(), gr.skip(), gr.skip()
+            yield (shown + [{"role": "assistant", "content": "…"}], "", gr.skip(), gr.skip(), gr.skip()) + keep
             for answer in stream:
-                yield shown + [{"role": "assistant", "content": answer}], gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            conv_path = service.export_conversation(session)
-            yield (list(session.transcript), gr.skip(), service.slide_image(session, show, alpha),
-                   _status("ok", "Answered. The heatmap shows where the model looked for this answer."),
-                   gr.update(value=str(conv_path), interactive=True))
+                yield (shown + [{"role": "assistant", "content": answer}], gr.skip(), gr.skip(), gr.skip(),
+                       gr.skip()) + keep
         except SlideChatError as exc:
-            yield list(session.transcript), question, gr.skip(), _status("error", user_message(exc)), gr.skip()
+            yield (list(session.transcript), question, gr.skip(), _status("error", user_message(exc)),
+                   gr.skip()) + keep
+            return
         except Exception as exc:
             log.exception("answering failed")
-            yield list(session.transcript), question, gr.skip(), _status("error", user_message(exc)), gr.skip()
+            yield (list(session.transcript), question, gr.skip(), _status("error", user_message(exc)),
+                   gr.skip()) + keep
+            return
+        yield self._answered(session, show, alpha)
 
-    def on_view(show: bool, alpha: float, request: gr.Request):
-        return service.slide_image(_session(service, request), show, alpha)
-
-    def on_report(request: gr.Request):
-        session = _session(service, request)
+    def _answered(self, session: SlideSession, show: bool, alpha: float):
+        """The final update after an answer: the answer stays; a failed later step says so in its own place."""
+        where = "the region you drew" if session.region else "the slide"
+        text = f"Answered from {where}. The heatmap and numbered boxes show where the model looked."
+        if session.heatmap_error:
+            text = f"Answered from {where}. ({session.heatmap_error}.)"
         try:
-            markdown, json_path, html_path = service.make_report(session, note=config.banner)
+            image = self.service.slide_image(session, show, alpha)
+        except Exception:
+            log.exception("overview image failed")
+            image = gr.skip()
+        try:
+            conv_path = gr.update(value=str(self.service.export_conversation(session)), interactive=True)
+        except Exception:
+            log.exception("conversation export failed")
+            conv_path = gr.skip()
+        return (list(session.transcript), gr.skip(), image, _status("ok", text), conv_path, self.viewer(session),
+                self.evidence(session))
+
+    def view(self, show: bool, alpha: float, request: gr.Request):
+        return self.service.slide_image(self.session(request), show, alpha)
+
+    def report(self, request: gr.Request):
+        session = self.session(request)
+        try:
+            markdown, json_path, html_path = self.service.make_report(session, note=self.config.banner)
         except SlideChatError as exc:
             return gr.update(), gr.update(), _status("error", user_message(exc))
         except Exception as exc:
             log.exception("report failed")
             return gr.update(), gr.update(), _status("error", user_message(exc))
-        return (gr.update(value=markdown, visible=True), gr.update(value=[str(json_path), str(html_path)], visible=True),
-                _status("ok", "Report ready: download it as JSON or HTML below the report."))
+        return (gr.update(value=markdown, visible=True),
+                gr.update(value=[str(json_path), str(html_path)], visible=True),
+                _status("ok", "Report ready: download it as JSON or HTML (with the evidence crops) below."))
 
-    def on_clear(show: bool, alpha: float, request: gr.Request):
-        session = _session(service, request)
+    def clear(self, show: bool, alpha: float, request: gr.Request):
+        session = self.session(request)
         try:
-            service.clear_chat(session)
+            self.service.clear_chat(session)
             status = _status("info", "Conversation cleared; the slide stays open.")
         except SlideChatError as exc:
             status = _status("error", user_message(exc))
-        return ([], service.slide_image(session, show, alpha), status, gr.update(value=None, visible=False),
-                gr.update(value=None, visible=False), gr.update(value=None, interactive=False))
+        return ([], self.service.slide_image(session, show, alpha), status, gr.update(value=None, visible=False),
+                gr.update(value=None, visible=False), gr.update(value=None, interactive=False),
+                self.viewer(session), "")
 
-    def on_restart(request: gr.Request):
-        session = _session(service, request)
+    def restart(self, request: gr.Request):
+        session = self.session(request)
         try:
-            service.restart(session)
+            self.service.restart(session)
             status = _status("info", "Start again: upload a slide or pick an example.")
         except SlideChatError as exc:
             status = _status("error", user_message(exc))
         return ([], None, "", status, gr.update(value=None, visible=False), gr.update(value=None, visible=False),
-                gr.update(value=None, interactive=False), None)
+                gr.update(value=None, interactive=False), None, self.viewer(session), "", "")
 
-    def on_unload(request: gr.Request):
-        service.registry.close(getattr(request, "session_hash", None))
+    def unload(self, request: gr.Request):
+        self.service.registry.close(getattr(request, "session_hash", None))
 
-    # ------------------------------------------------------------------ layout
+
+def _slide_column(config: AppConfig, examples: dict[str, Path]) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Tab("Upload a slide"):
+        c["upload"] = gr.File(label="Slide file (SVS, TIFF, NDPI, SCN, BIF, …)", file_count="single",
+                              type="filepath", elem_id="sc-upload", height=110)
+    with gr.Tab("Example slides"):
+        c["example_pick"] = gr.Dropdown(choices=list(examples), value=next(iter(examples), None),
+                                        label="Synthetic example slides (ground truth in the name)",
+                                        elem_id="sc-example-pick")
+        c["example_btn"] = gr.Button("Open example", variant="primary", elem_id="sc-open-example")
+    with gr.Accordion("Advanced", open=False):
+        c["mpp"] = gr.Number(label="Microns per pixel (only for slides without it in the file)",
+                             value=None, minimum=0.01, maximum=100, elem_id="sc-mpp")
+    c["status"] = gr.HTML(_status("info", "Upload a slide or open an example to start."), elem_id="sc-status")
+    gr.HTML(VIEWER_HTML)
+    c["viewer_state"] = gr.HTML(_viewer_state_html({}), elem_id="sc-viewer-state")
+    c["pending"] = gr.Textbox(visible=False)
+    with gr.Accordion("Overview image (thumbnail + heatmap)", open=False):
+        c["image"] = gr.Image(label="Slide: tissue outline (green) and attention heatmap", type="pil",
+                              interactive=False, elem_id="sc-image", height=320, buttons=["download", "fullscreen"])
+        with gr.Row():
+            c["show_heatmap"] = gr.Checkbox(value=True, label="Show attention heatmap", elem_id="sc-show-heatmap",
+                                            scale=1, min_width=160)
+            c["alpha"] = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity", elem_id="sc-alpha",
+                                   scale=2, min_width=200)
+    gr.HTML('<div class="sc-legend"><span>low attention</span><span class="bar"></span>'
+            '<span>high attention</span></div>')
+    c["facts"] = gr.Markdown("", elem_id="sc-facts", label="Slide facts")
+    return c
+
+
+def _chat_column(config: AppConfig) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["chatbot"] = gr.Chatbot(label="Conversation", elem_id="sc-chat", height=430, layout="bubble",
+                              buttons=["copy"], feedback_options=None,
+                              placeholder="Open a slide, then ask about tissue types, lesions, tumour fraction…")
+    c["evidence"] = gr.HTML("", elem_id="sc-evidence")
+    with gr.Row():
+        c["region"] = gr.Textbox(label="Region (level-0 x, y, w, h): draw it on the viewer; empty = whole slide",
+                                 elem_id="sc-region", scale=5, max_lines=1)
+        c["whole"] = gr.Button("Whole slide", size="sm", scale=1, min_width=80, elem_id="sc-whole-slide")
+    with gr.Row():
+        c["question"] = gr.Textbox(placeholder="Ask a question about the slide and press Enter", show_label=False,
+                                   scale=6, elem_id="sc-question", max_lines=4, max_length=config.max_question_chars)
+        c["send"] = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="sc-send")
+    with gr.Row(elem_classes="sc-suggest"):
+        c["suggestions"] = [gr.Button(q, size="sm", variant="secondary") for q in SUGGESTED_QUESTIONS]
+    with gr.Row():
+        c["report_btn"] = gr.Button("Generate report", elem_id="sc-report")
+        c["clear_btn"] = gr.Button("Clear chat", elem_id="sc-clear")
+        c["restart_btn"] = gr.Button("↺ New slide", elem_id="sc-restart")
+        c["download_conv"] = gr.DownloadButton("⬇ Download conversation", interactive=False,
+                                               elem_id="sc-download-conv")
+    c["report_md"] = gr.Markdown(visible=False, elem_id="sc-report-md")
+    c["report_files"] = gr.File(label="Report downloads (JSON, HTML)", file_count="multiple", visible=False,
+                                interactive=False, elem_id="sc-report-files")
+    return c
+
+
+def _wire_open(c: dict[str, Any], h: Handlers, model: dict) -> None:
+    open_outputs = [c[k] for k in ("status", "image", "facts", "chatbot", "question", "report_md", "report_files",
+                                   "download_conv", "viewer_state", "evidence")]
+    settings = [c["mpp"], c["show_heatmap"], c["alpha"]]
+    c["upload"].upload(h.start_upload, c["upload"], [c["status"], c["viewer_state"], c["pending"]],
+                       show_progress="hidden", api_name=False, concurrency_limit=None).then(
+        h.encode_upload, [c["pending"]] + settings, open_outputs + [c["upload"]], show_progress="full",
+        show_progress_on=[c["status"]], api_name="upload_slide", **model)
+    c["example_btn"].click(lambda label: _status("info", f"Opening {label}…"), c["example_pick"], c["status"],
+                           queue=False, show_progress="hidden", api_name=False)
+    c["example_btn"].click(h.open_example, [c["example_pick"]] + settings, open_outputs, show_progress="full",
+                           show_progress_on=[c["status"]], api_name="open_example", **model)
+
+
+def _wire_chat(c: dict[str, Any], h: Handlers, model: dict) -> None:
+    ask_outputs = [c[k] for k in ("chatbot", "question", "image", "status", "download_conv", "viewer_state",
+                                  "evidence")]
+    ask_args = dict(fn=h.ask, inputs=[c["question"], c["show_heatmap"], c["alpha"], c["region"]],
+                    outputs=ask_outputs, show_progress="minimal", show_progress_on=[c["chatbot"]], **model)
+    c["question"].submit(api_name="ask", **ask_args)
+    c["send"].click(api_name=False, **ask_args)
+    for btn, q in zip(c["suggestions"], SUGGESTED_QUESTIONS):
+        btn.click(functools.partial(lambda q: q, q), None, c["question"], queue=False, api_name=False).then(
+            api_name=False, **ask_args)
+    c["whole"].click(lambda: "", None, c["region"], queue=False, api_name=False)
+    view = [c["show_heatmap"], c["alpha"]]
+    c["show_heatmap"].change(h.view, view, c["image"], api_name=False, show_progress="hidden",
+                             concurrency_limit=None)
+    c["alpha"].release(h.view, view, c["image"], api_name="view", show_progress="hidden", concurrency_limit=None)
+    c["report_btn"].click(h.report, None, [c["report_md"], c["report_files"], c["status"]], api_name="report",
+                          show_progress_on=[c["status"]], **model)
+    cleared = [c[k] for k in ("chatbot", "image", "status", "report_md", "report_files", "download_conv",
+                              "viewer_state", "evidence")]
+    c["clear_btn"].click(h.clear, view, cleared, api_name="clear", concurrency_limit=None)
+    c["chatbot"].clear(h.clear, view, cleared, api_name=False, concurrency_limit=None)
+    c["restart_btn"].click(h.restart, None, [c[k] for k in ("chatbot", "image", "facts", "status", "report_md",
+                                                            "report_files", "download_conv", "upload",
+                                                            "viewer_state", "evidence", "region")],
+                           api_name="restart", concurrency_limit=None)
+
+
+def build_demo(service: ChatService, examples: dict[str, Path] | None = None) -> gr.Blocks:
+    """The Blocks app for ``service`` (call ``.queue()`` / ``.launch()`` via ``app.server.launch``)."""
+    config: AppConfig = service.config
+    h = Handlers(service, dict(examples or {}))
     with gr.Blocks(title=config.title, delete_cache=(1800, 3600), fill_width=True) as demo:
         with gr.Column(elem_id="sc-header"):
             gr.Markdown(f"# {html.escape(config.title)}\nChat with a pathology whole-slide image. "
@@ -196,81 +401,12 @@ def build_demo(service: ChatService, examples: dict[str, Path] | None = None) ->
             if config.banner:
                 gr.HTML(f'<div class="sc-banner" id="sc-banner">⚠ {html.escape(config.banner)}</div>')
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=360):
-                with gr.Tab("Upload a slide"):
-                    upload = gr.File(label="Slide file (SVS, TIFF, NDPI, SCN, BIF, …)", file_count="single",
-                                     type="filepath", elem_id="sc-upload", height=120)
-                with gr.Tab("Example slides"):
-                    example_pick = gr.Dropdown(choices=list(examples), value=next(iter(examples), None),
-                                               label="Synthetic example slides (ground truth in the name)",
-                                               elem_id="sc-example-pick")
-                    example_btn = gr.Button("Open example", variant="primary", elem_id="sc-open-example")
-                with gr.Accordion("Advanced", open=False):
-                    mpp = gr.Number(label="Microns per pixel (only for slides without it in the file)",
-                                    value=None, minimum=0.01, maximum=100, elem_id="sc-mpp")
-                status = gr.HTML(_status("info", "Upload a slide or open an example to start."), elem_id="sc-status")
-                image = gr.Image(label="Slide: tissue outline (green) and attention heatmap", type="pil",
-                                 interactive=False, elem_id="sc-image", height=420, buttons=["download", "fullscreen"])
-                with gr.Row():
-                    show_heatmap = gr.Checkbox(value=True, label="Show attention heatmap", elem_id="sc-show-heatmap",
-                                               scale=1, min_width=160)
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity", elem_id="sc-alpha",
-                                      scale=2, min_width=200)
-                gr.HTML('<div class="sc-legend"><span>low attention</span><span class="bar"></span>'
-                        '<span>high attention</span></div>')
-                facts = gr.Markdown("", elem_id="sc-facts", label="Slide facts")
             with gr.Column(scale=6, min_width=420):
-                chatbot = gr.Chatbot(label="Conversation", elem_id="sc-chat", height=470, layout="bubble",
-                                     buttons=["copy"], feedback_options=None,
-                                     placeholder="Open a slide, then ask about tissue types, lesions, tumour fraction…")
-                with gr.Row():
-                    question = gr.Textbox(placeholder="Ask a question about the slide and press Enter",
-                                          show_label=False, scale=6, elem_id="sc-question", max_lines=4,
-                                          max_length=config.max_question_chars)
-                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="sc-send")
-                with gr.Row(elem_classes="sc-suggest"):
-                    suggestion_btns = [gr.Button(q, size="sm", variant="secondary") for q in SUGGESTED_QUESTIONS]
-                with gr.Row():
-                    report_btn = gr.Button("Generate report", elem_id="sc-report")
-                    clear_btn = gr.Button("Clear chat", elem_id="sc-clear")
-                    restart_btn = gr.Button("↺ New slide", elem_id="sc-restart")
-                    download_conv = gr.DownloadButton("⬇ Download conversation", interactive=False,
-                                                      elem_id="sc-download-conv")
-                report_md = gr.Markdown(visible=False, elem_id="sc-report-md")
-                report_files = gr.File(label="Report downloads (JSON, HTML)", file_count="multiple",
-                                       visible=False, interactive=False, elem_id="sc-report-files")
-
-        # ------------------------------------------------------------------ events
+                c = _slide_column(config, h.examples)
+            with gr.Column(scale=5, min_width=380):
+                c.update(_chat_column(config))
         model = dict(concurrency_limit=config.concurrency, concurrency_id=MODEL_GROUP)
-        open_outputs = [status, image, facts, chatbot, question, report_md, report_files, download_conv]
-        upload.upload(lambda f: _status("info", f"Opening {Path(str(f)).name if f else 'the slide'}: detecting tissue, "
-                                              "tiling and encoding…"),
-                      upload, status, queue=False, show_progress="hidden", api_name=False)
-        example_btn.click(lambda label: _status("info", f"Opening {label}…"), example_pick, status, queue=False,
-                          show_progress="hidden", api_name=False)
-        upload.upload(on_upload, [upload, mpp, show_heatmap, alpha], open_outputs + [upload],
-                      show_progress="full", show_progress_on=[image], api_name="upload_slide", **model)
-        example_btn.click(on_example, [example_pick, mpp, show_heatmap, alpha], open_outputs,
-                          show_progress="full", show_progress_on=[image], api_name="open_example", **model)
-        ask_outputs = [chatbot, question, image, status, download_conv]
-        ask_args = dict(fn=on_ask, inputs=[question, show_heatmap, alpha], outputs=ask_outputs,
-                        show_progress="minimal", show_progress_on=[chatbot], **model)
-        question.submit(api_name="ask", **ask_args)
-        send.click(api_name=False, **ask_args)
-        for btn, q in zip(suggestion_btns, SUGGESTED_QUESTIONS):
-            btn.click(functools.partial(lambda q: q, q), None, question, queue=False, api_name=False).then(
-                api_name=False, **ask_args)
-        show_heatmap.change(on_view, [show_heatmap, alpha], image, api_name=False, show_progress="hidden",
-                            concurrency_limit=None)
-        alpha.release(on_view, [show_heatmap, alpha], image, api_name="view", show_progress="hidden",
-                      concurrency_limit=None)
-        report_btn.click(on_report, None, [report_md, report_files, status], api_name="report",
-                         show_progress_on=[status], **model)
-        clear_btn.click(on_clear, [show_heatmap, alpha], [chatbot, image, status, report_md, report_files,
-                                                          download_conv], api_name="clear", concurrency_limit=None)
-        chatbot.clear(on_clear, [show_heatmap, alpha], [chatbot, image, status, report_md, report_files,
-                                                     download_conv], api_name=False, concurrency_limit=None)
-        restart_btn.click(on_restart, None, [chatbot, image, facts, status, report_md, report_files, download_conv,
-                                             upload], api_name="restart", concurrency_limit=None)
-        demo.unload(on_unload)
+        _wire_open(c, h, model)
+        _wire_chat(c, h, model)
+        demo.unload(h.unload)
     return demo
