@@ -19,12 +19,18 @@ from slidechat.training.recipe import StageRecipe
 log = logging.getLogger("training")
 
 TRAINABLE_MODULES = ("slide_encoder", "projector")
+# LLMConfig options a stage may set on a previous stage's checkpoint (``init_from``): how the LLM trains
+LLM_TRAINING_OPTIONS = ("mode", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def llm_mode(recipe: StageRecipe) -> str:
+    """How this stage trains the LLM: ``model.llm.mode`` (frozen when the recipe does not say)."""
+    return (recipe.model.get("llm") or {}).get("mode", "frozen")
 
 
 def _llm_overrides(recipe: StageRecipe) -> dict:
-    lora = recipe.train.lora
-    return {"mode": recipe.train.train_llm, "lora_r": lora.r, "lora_alpha": lora.alpha,
-            "lora_dropout": lora.dropout, "lora_target_modules": list(lora.target_modules),
+    llm = recipe.model.get("llm") or {}
+    return {**{k: llm[k] for k in LLM_TRAINING_OPTIONS if k in llm}, "mode": llm_mode(recipe),
             "gradient_checkpointing": recipe.train.gradient_checkpointing}
 
 
@@ -36,27 +42,29 @@ def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
 
     overrides = _llm_overrides(recipe)
     if recipe.init_from:
-        if recipe.model:
-            raise ConfigError(f"recipe {recipe.name}: give either init_from or model, not both "
-                              "(the architecture comes from the previous stage's checkpoint)")
+        extra = sorted(set(recipe.model) - {"llm"}) + sorted(f"llm.{k}" for k in set(recipe.model.get("llm") or {})
+                                                             - set(LLM_TRAINING_OPTIONS))
+        if extra:
+            raise ConfigError(f"recipe {recipe.name}: with init_from, model may only set llm.{{{', '.join(LLM_TRAINING_OPTIONS)}}}"
+                              f" (the architecture comes from the previous stage's checkpoint); remove model.{extra[0]}")
         path = Path(recipe.init_from)
         if (path / "adapter" / "adapter_config.json").is_file() and overrides["mode"] == "lora":
             overrides = {"mode": "lora", "gradient_checkpointing": overrides["gradient_checkpointing"]}
         return SlideAssistant.from_pretrained(path, device=device, llm_overrides=overrides)
     data = copy.deepcopy(recipe.model)
-    data.setdefault("llm", {}).update(overrides)
+    data.setdefault("llm", {}).update(overrides)  # mode defaults to frozen; gradient checkpointing from train
     return SlideAssistant(SlideAssistantConfig.from_dict(data), device=device)
 
 
 def configure_trainable(model, recipe: StageRecipe) -> None:
-    """requires_grad on the recipe's ``train_modules``; the LLM per its mode (LoRA weights only / all / none)."""
+    """requires_grad on the recipe's ``train_modules``; the LLM per ``model.llm.mode`` (LoRA weights / all / none)."""
     wanted = set(recipe.train.train_modules)
     unknown = wanted - set(TRAINABLE_MODULES)
     if unknown:
         raise ConfigError(f"train.train_modules {sorted(unknown)}: choose from {list(TRAINABLE_MODULES)}")
     for name in TRAINABLE_MODULES:
         getattr(model, name).requires_grad_(name in wanted)
-    mode = recipe.train.train_llm
+    mode = llm_mode(recipe)
     for n, p in model.llm.named_parameters():
         p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in n))
     if not any(p.requires_grad for p in model.parameters()):

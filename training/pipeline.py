@@ -28,6 +28,7 @@ import torch
 
 from slidechat.errors import ConfigError
 from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP, ExtractionConfig
+from slidechat.training.model_hooks import LLM_TRAINING_OPTIONS
 from slidechat.training.recipe import EvaluateStep, PipelineRecipe, StageRecipe
 from slidechat.utils.io import write_json_atomic
 
@@ -150,7 +151,7 @@ def _slide_pretrain_step(run: _Run) -> None:
     from slidechat.training.slide_pretrain import pretrain_slide_encoder
 
     first = prepare_stage(recipe.stages[0], run.out, None, run.cnn, run.embed_dim, recipe.extract)
-    first.train.train_llm = "frozen"
+    first.model.setdefault("llm", {})["mode"] = "frozen"
     torch.manual_seed(first.train.seed)
     model = build_model(first)
     m = pretrain_slide_encoder(model, run.synth_dir, run.features_dir, first.data.grounding_dir,
@@ -167,9 +168,10 @@ def _stage_steps(run: _Run) -> None:
     from slidechat.training.loop import train_stage
 
     for stage in run.recipe.stages:
-        if run.prev_final is not None and stage.init_from is None:
+        if run.prev_final is not None and stage.init_from is None:  # the architecture is in prev_final
             stage = copy.deepcopy(stage)
-            stage.model = {}
+            llm = stage.model.get("llm") or {}
+            stage.model = {"llm": {k: llm[k] for k in LLM_TRAINING_OPTIONS if k in llm}} if llm else {}
         st = prepare_stage(stage, run.out, run.prev_final, run.cnn, run.embed_dim, run.recipe.extract)
         final = Path(st.output_dir) / "final"
         if run.resume and (Path(st.output_dir) / "metrics.json").exists() and (final / "config.json").exists():

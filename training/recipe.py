@@ -51,23 +51,14 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
 class TrainConfig(TrainerSettings):
-    """A stage's ``train`` section: the trainer's settings plus what the LLM stages train and how."""
+    """A stage's ``train`` section: the trainer's settings plus what the LLM stages train (the LLM's mode and LoRA
+    settings are the model's own options: ``model.llm.mode`` / ``lora_r`` / ``lora_alpha`` / ... of LLMConfig)."""
 
     lr_llm: float | None = None             # separate LR for LoRA/LLM params (default: lr)
     gradient_checkpointing: bool = False
     fast_forward: bool = True               # LM head only on labelled positions (one process; same loss)
-    train_llm: str = "frozen"               # frozen | lora | full
     train_modules: list[str] = field(default_factory=lambda: ["slide_encoder", "projector"])
-    lora: LoraConfig = field(default_factory=LoraConfig)
     group_by_length: bool = True
     num_workers: int = 0
     grounding_weight: float = 0.0           # > 0: projector relevance pulled onto data.grounding_dir targets
@@ -83,7 +74,7 @@ class StageRecipe:
     stage: int = 1
     output_dir: str = "runs/stage"
     init_from: str | None = None            # previous stage checkpoint (None: a fresh model)
-    model: dict[str, Any] = field(default_factory=dict)  # kwargs for a fresh model (model package config)
+    model: dict[str, Any] = field(default_factory=dict)  # SlideAssistantConfig options (with init_from: llm.mode/lora_*)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     contrastive: dict[str, Any] = field(default_factory=dict)  # stage 0 options (see training.contrastive)
@@ -91,8 +82,9 @@ class StageRecipe:
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2):
             raise ConfigError(f"stage must be 0, 1 or 2, got {self.stage}")
-        if self.train.train_llm not in ("frozen", "lora", "full"):
-            raise ConfigError(f"train.train_llm {self.train.train_llm!r}: use frozen, lora or full")
+        mode = (self.model.get("llm") or {}).get("mode", "frozen")
+        if mode not in ("frozen", "lora", "full"):
+            raise ConfigError(f"model.llm.mode {mode!r}: use frozen, lora or full")
 
 
 @dataclass
@@ -140,9 +132,23 @@ def recipe_from_dict(data: dict, base_dir: Path | None = None) -> StageRecipe | 
     """Build a recipe from a parsed YAML mapping (``kind: pipeline`` or a stage recipe)."""
     data = dict(data)
     kind = data.pop("kind", "stage")
+    for stage in [data] + list(data.get("stages") or []) if kind == "stage" else list(data.get("stages") or []):
+        _reject_moved_llm_options(stage)
     if kind not in ("stage", "pipeline"):
         raise ConfigError(f"recipe kind {kind!r}: use stage or pipeline")
     return config_from_dict(PipelineRecipe if kind == "pipeline" else StageRecipe, data, where="recipe")
+
+
+MOVED_LLM_OPTIONS = {"train_llm": "model.llm.mode", "lora": "model.llm.lora_r / lora_alpha / lora_dropout / "
+                                                              "lora_target_modules"}
+
+
+def _reject_moved_llm_options(stage: Any) -> None:
+    train = stage.get("train") if isinstance(stage, dict) else None
+    for key, new in MOVED_LLM_OPTIONS.items():
+        if isinstance(train, dict) and key in train:
+            raise ConfigError(f"recipe option train.{key} is now {new} (the LLM's own config; "
+                              "see training/recipes/stage2.yaml)")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> StageRecipe | PipelineRecipe:

@@ -80,8 +80,8 @@ def test_stage1_then_stage2_loss_goes_down_and_bad_data_counted(tiny_data):
 
     src2 = json.dumps([{"path": str(root / "instructions.json"), "kind": "instructions"}])
     r2 = tiny_recipe(root, llm, "s2", **{"data.sources": src2, "init_from": str(root / "s1" / "final"),
-                                         "model": "{}", "stage": 2, "train.train_llm": "lora",
-                                         "train.lora": "{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}",
+                                         "stage": 2, "model": "{llm: {mode: lora, lora_r: 4, lora_alpha: 8, "
+                                         "lora_dropout: 0.0, lora_target_modules: [q_proj, v_proj]}}",
                                          "train.max_steps": 10, "train.save_every": 0, "train.eval_batches": 9})
     m2 = train_stage(r2)
     assert m2["fixed_batches_loss_after"] < 0.8 * m2["fixed_batches_loss_before"], m2
@@ -105,8 +105,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data):
     root, llm = tiny_data
     src = json.dumps([{"path": str(root / "instructions.json"), "kind": "instructions"}])
     common = {"data.sources": src, "train.max_steps": 6, "train.save_every": 2, "train.grad_accum": 2,
-              "data.max_patches": 10, "train.lora": "{r: 4, alpha: 8, dropout: 0.1, target_modules: [q_proj]}",
-              "train.train_llm": "lora", "train.scheduler": "cosine", "train.warmup_ratio": 0.2}
+              "data.max_patches": 10, "model.llm.mode": "lora", "model.llm.lora_r": 4, "model.llm.lora_alpha": 8,
+              "model.llm.lora_dropout": 0.1, "model.llm.lora_target_modules": "[q_proj]", "train.scheduler": "cosine",
+              "train.warmup_ratio": 0.2}
     full = train_stage(tiny_recipe(root, llm, "full", **common))
     part = tiny_recipe(root, llm, "part", **common)
     stopped = train_stage(part, stop_after=3)  # "killed" after step 3: a checkpoint at step 3 is left
@@ -134,6 +135,8 @@ def test_cli_runs_a_stage_and_reports_bad_recipe(tiny_data, capsys):
     assert out["steps"] == 2
     assert train_main(["--recipe", "training/recipes/tiny.yaml", "--set", "train.bogus=1"]) == 2
     assert "unknown option" in capsys.readouterr().err
+    assert train_main(["--recipe", "training/recipes/tiny.yaml", "--set", "train.train_llm=lora"]) == 2
+    assert "model.llm.mode" in capsys.readouterr().err  # the option moved to the LLM's own config
 
 
 def test_fast_forward_matches_the_assistant_loss(tiny_data):
@@ -143,8 +146,8 @@ def test_fast_forward_matches_the_assistant_loss(tiny_data):
     from slidechat.training.model_hooks import build_model, pad_token_id
 
     root, llm = tiny_data
-    r = tiny_recipe(root, llm, "ff", **{"train.train_llm": "lora",
-                                        "train.lora": "{r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj]}"})
+    r = tiny_recipe(root, llm, "ff", **{"model.llm.mode": "lora", "model.llm.lora_r": 4, "model.llm.lora_alpha": 8,
+                                        "model.llm.lora_dropout": 0.0, "model.llm.lora_target_modules": "[q_proj]"})
     torch.manual_seed(0)
     model = build_model(r)
     samples = load_samples(root / "instructions.json", "instructions", SkipCounter())
