@@ -1,4 +1,4 @@
-"""``python -m training --recipe ...`` / ``accelerate launch -m training --recipe ...``."""
+"""``python -m slidechat.training --recipe ...`` / ``accelerate launch -m slidechat.training --recipe ...``."""
 
 import sys
 

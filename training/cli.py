@@ -1,6 +1,6 @@
 """`slidechat train --recipe training/recipes/<name>.yaml [--resume] [--set key=value ...]`.
 
-The same entry point runs under ``accelerate launch -m training --recipe ...`` for multi-GPU / multi-node
+The same entry point runs under ``accelerate launch -m slidechat.training --recipe ...`` for multi-GPU / multi-node
 (DeepSpeed / FSDP configs in training/configs/).
 """
 
@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m training`` / ``accelerate launch -m training``)."""
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    """Stand-alone entry (``python -m slidechat.training`` / ``accelerate launch -m slidechat.training``)."""
+    parser = argparse.ArgumentParser(prog="python -m slidechat.training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)
     args = parser.parse_args(argv)
