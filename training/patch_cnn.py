@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP
-from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainContext, TrainerSettings
+from slidechat.training.trainer import GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings
 from slidechat.utils.io import read_jsonl
 
 log = logging.getLogger("training")
@@ -124,7 +124,7 @@ class _Classifier(nn.Module):
         return self.cnn.classify(x)
 
 
-class PatchCNNStage(Stage):
+class PatchCNNStage(GeneratorStage):
     """DemoCNN classifying SynthSlide patches (flip / rotation augmentation); saves one ``.safetensors`` file."""
 
     name = "patch-cnn"
@@ -198,13 +198,6 @@ class PatchCNNStage(Stage):
         from slidechat.encoders.demo_cnn import save_demo_cnn
 
         save_demo_cnn(module.cnn, self.out_path)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state().tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "generator" in state:
-            self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
     def result(self, module):
         return module.cnn

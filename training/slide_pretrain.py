@@ -23,7 +23,7 @@ from torch import nn
 from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
 from slidechat.training.grounding import grounding_loss
-from slidechat.training.trainer import StepOutput, Stage, Trainer, TrainContext, TrainerSettings
+from slidechat.training.trainer import GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings
 
 log = logging.getLogger("training")
 
@@ -211,7 +211,7 @@ class _WithHeads(nn.Module):
         return _batch_loss(self.assistant, self.heads, items, targets, cfg, True, gen)[0]
 
 
-class SlidePretrainStage(Stage):
+class SlidePretrainStage(GeneratorStage):
     """Slide encoder + projector taught SynthSlide facts through attribute heads; the LLM stays frozen.
 
     ``val_data`` (from :func:`load_slides`, e.g. a SynthSlide set with another seed) is scored at the end; without
@@ -285,13 +285,6 @@ class SlidePretrainStage(Stage):
 
     def save_final(self, module, ctx: TrainContext) -> None:
         module.assistant.save_pretrained(ctx.output_dir / "final")
-
-    def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state().tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "generator" in state:
-            self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
     def result(self, module):
         return module.assistant

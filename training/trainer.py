@@ -145,6 +145,20 @@ class Stage:
         return module
 
 
+class GeneratorStage(Stage):
+    """A stage that draws from its own ``torch.Generator`` (``self.gen``: augmentation, sampling); the generator's
+    state goes into every checkpoint so a resumed run draws the same numbers."""
+
+    gen: torch.Generator
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
