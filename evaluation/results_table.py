@@ -55,7 +55,41 @@ def text_markdown(results: dict) -> list[str]:
             rows.append([task] + [fmt(r.get(k)) for k in CAPTION_KEYS] + [str(r["n"])])
     if not rows:
         return []
-    return ["## Open-ended text", ""] + _table(["task", *CAPTION_KEYS, "n"], rows) + [""]
+    return ["## Open-ended text (n-gram and embedding similarity to the reference)", ""] + _table(["task", *CAPTION_KEYS, "n"], rows) + [""]
+
+
+def _ci_cell(entry: dict) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{100 * entry['value']:.1f} [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
+
+
+def facts_markdown(facts: dict) -> list[str]:
+    """Fact-level scores: open VQA accuracy per question type; caption/report fact precision, recall, contradictions."""
+    if not facts:
+        return []
+    lines = []
+    ov = facts.get("open_vqa")
+    if ov:
+        rows = []
+        for name, e in [("**overall**", ov["overall"]), *ov["per_category"].items()]:
+            cell = _ci_cell({"value": e["accuracy"], "ci_low": e["ci_low"], "ci_high": e["ci_high"]})
+            rows.append([name, cell, *(str(e[k]) for k in ("correct", "wrong", "hedged", "unparseable")), str(e["n"])])
+        lines += [f"## Open VQA fact accuracy (%, 95% bootstrap CI; percentages within ±{ov['tolerance_pp']:g} points)",
+                  ""] + _table(["question type", "accuracy", "correct", "wrong", "hedged", "unparseable", "n"], rows)
+        lines.append("")
+    rows = []
+    for task in ("captioning", "reports"):
+        t = facts.get(task)
+        if t:
+            kinds = ", ".join(f"{k} {v}" for k, v in t["contradiction_kinds"].items()) or "-"
+            rows.append([task, _ci_cell(t["fact_precision"]), _ci_cell(t["fact_recall"]),
+                         _ci_cell(t["contradiction_rate"]), kinds, str(t["n"])])
+    if rows:
+        lines += ["## Caption and report facts (%, 95% bootstrap CI)", ""]
+        lines += _table(["task", "fact precision", "fact recall", "texts with a contradiction", "contradictions",
+                         "n"], rows) + [""]
+    return lines
 
 
 def report_fields_markdown(fields: dict) -> list[str]:
@@ -98,6 +132,7 @@ def results_markdown(results: dict) -> str:
     lines.append("")
     if "closed_vqa" in results:
         lines += closed_vqa_markdown(results["closed_vqa"])
+    lines += facts_markdown(results.get("facts", {}))
     lines += text_markdown(results)
     lines += report_fields_markdown(results.get("report_fields", {}))
     lines += grounding_markdown(results.get("grounding", {}))
@@ -122,6 +157,15 @@ def headline_metrics(results: dict) -> dict[str, float | None]:
         if r and r.get("n"):
             for k in CAPTION_KEYS:
                 out[f"{task}/{k}"] = r.get(k)
+    facts = results.get("facts", {})
+    if facts.get("open_vqa"):
+        out["open_vqa/fact_accuracy"] = facts["open_vqa"]["overall"]["accuracy"]
+        for name, e in facts["open_vqa"]["per_category"].items():
+            out[f"open_vqa/fact_accuracy/{name}"] = e["accuracy"]
+    for task in ("captioning", "reports"):
+        if facts.get(task):
+            for k in ("fact_precision", "fact_recall", "contradiction_rate"):
+                out[f"{task}/{k}"] = facts[task][k]["value"]
     rf = results.get("report_fields")
     if rf and rf.get("fields"):
         out["report_fields/mean"] = rf["mean_field_accuracy"]

@@ -186,6 +186,25 @@ def _run_retrieval(assistant, data: BenchmarkData, cfg: EvalRunConfig) -> dict:
     return out
 
 
+def _score_facts(task: str, data: BenchmarkData, outs: dict[str, str], ids: list[str], cfg: EvalRunConfig
+                 ) -> tuple[dict | None, dict[str, dict]]:
+    """Fact-level scores of one text task against SynthSlide truth (None when the data has no truth)."""
+    from slidechat.evaluation.metrics.facts import score_facts
+
+    questions = {str(r["id"]): r for r in data.open_vqa}
+    gold = {}
+    for rid in ids:
+        sid = questions[rid]["slide_id"] if task == "open_vqa" else rid
+        if sid not in data.truth or (task == "open_vqa" and "category" not in questions[rid]):
+            continue
+        gold[rid] = {"truth": data.truth[sid]}
+        if task == "open_vqa":
+            gold[rid].update(category=questions[rid]["category"], question=questions[rid]["question"])
+    if not gold:
+        return None, {}
+    return score_facts(task, outs, gold, cfg.bootstrap, 100.0 * cfg.text.numeric_tolerance)
+
+
 def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[dict, list[dict]]:
     """Results + per-item score records from the logged predictions (latest record per key)."""
     results: dict = {}
@@ -213,8 +232,12 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
         res = score_text(task, outs, refs, cfg.text)
         per_item = res.pop("per_item", {})
         results[task] = res
+        facts, fact_items = _score_facts(task, data, outs, list(refs), cfg)
+        if facts:
+            results.setdefault("facts", {})[task] = facts
         scored += [{"task": task, "id": rid, "output": outs.get(rid), "references": refs[rid],
-                    **per_item.get(rid, {})} for rid in refs]
+                    **per_item.get(rid, {}), **({"facts": fact_items[rid]} if rid in fact_items else {})}
+                   for rid in refs]
     if "reports" in by_task:
         from slidechat.evaluation.metrics.report_fields import report_field_accuracy
 

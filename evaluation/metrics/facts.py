@@ -38,7 +38,8 @@ _TUMOR_FRACTION = re.compile(r"tumou?r fraction\W{0,3}(?:of\s+|is\s+)?(?:about\s
 _DOMINANT = re.compile(r"\b(pre)?dominant(ly)?\b|\bmostly\b|\bmainly\b|\blargely\b|\bmajority\b", re.I)
 _REPEATED_QUALIFIER = re.compile(r"(\([^()]{2,40}\))\s*\1", re.I)
 _REPEATED_PHRASE = re.compile(r"\b([a-z][\w-]*(?:\s+[\w-]+){1,3})\s+\1\b", re.I)
-_LEADING_YES_NO = re.compile(r"^\W*(yes|yeah|no|nope|true|false)\b", re.I)
+_LEADING_YES_NO = re.compile(r"^\W*(yes|yeah|no|nope|none|true|false)\b", re.I)
+_PHRASE_THEN_SAME_IN_PARENS = re.compile(r"\b([\w-]+(?:\s+[\w-]+){0,4})\s*\(\1\)", re.I)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Claim:
     key: str
     value: object
     start: int
+    source: str = ""  # "tumour fraction" for a stated tumour fraction (not a composition entry)
 
 
 @dataclass
@@ -153,7 +155,7 @@ def extract_claims(text: str) -> list[Claim]:
     text = text or ""
     claims, spans = [], []
     for m in _TUMOR_FRACTION.finditer(text):
-        claims.append(Claim("tissue_percent:tumor", float(m.group(1)), m.start()))
+        claims.append(Claim("tissue_percent:tumor", float(m.group(1)), m.start(), "tumour fraction"))
         spans.append(m.span())
     masked = _mask(text, spans)
     for m in _lesion_pattern().finditer(masked):
@@ -224,7 +226,10 @@ def contradictions(claims: list[Claim], text: str, tolerance_pp: float) -> list[
         kinds.append("percentages_over_100")
     if False in values.get("lesion_present", ()) and (values.get("lesion_location") or values.get("lesion_type")):
         kinds.append("no_lesion_but_lesion_described")
-    if _REPEATED_QUALIFIER.search(text or "") or _REPEATED_PHRASE.search(text or ""):
+    listed = [c.key for c in claims if c.key.startswith("tissue_percent:") and c.source != "tumour fraction"]
+    if len(listed) != len(set(listed)):
+        kinds.append("tissue_listed_twice")
+    if any(p.search(text or "") for p in (_REPEATED_QUALIFIER, _REPEATED_PHRASE, _PHRASE_THEN_SAME_IN_PARENS)):
         kinds.append("repeated_qualifier")
     return sorted(set(kinds))
 
@@ -278,6 +283,8 @@ def _polarities(answer: str, claims: list[Claim], subject: str) -> set[bool]:
             if yn is not None:
                 stances.add(yn)
         stances |= {c.value for c in claims if c.key == f"tissue_present:{subject}" and a <= c.start <= b}
+        # "carcinoma (tumour focus)": a lesion of the asked class states that the class is present
+        stances |= {True for c in claims if c.key == "lesion_type" and c.value == subject and a <= c.start <= b}
     return stances
 
 
@@ -357,11 +364,10 @@ def _lesion(answer: str, claims: list[Claim], truth: dict) -> AnswerVerdict:
 
 
 def _fragments(answer: str, claims: list[Claim], truth: dict) -> AnswerVerdict:
+    # every count in the answer ("two or three" is hedged), percentages left out
     counts = {c.value for c in claims if c.key == "fragments"}
-    if not counts:
-        no_pct = _PCT.sub(" ", answer)
-        counts = {_number(m.group(1)) for m in re.finditer(r"\b" + _NUM + r"\b", no_pct, re.I)
-                  if m.group(1).lower() != "no"}
+    counts |= {_number(m.group(1)) for m in re.finditer(r"\b" + _NUM + r"\b", _PCT.sub(" ", answer), re.I)
+               if m.group(1).lower() != "no"}
     return AnswerVerdict("fragments", _verdict_from_values(counts, truth["n_fragments"]), sorted(counts),
                          truth["n_fragments"])
 
@@ -391,3 +397,60 @@ def check_answer(category: str, answer: str, truth: dict, question: str = "",
     if category == "fragments":
         return _fragments(answer, claims, truth)
     return AnswerVerdict(category, "unparseable")
+
+
+def _ci_entry(values: list[float], bootstrap) -> dict:
+    from slidechat.evaluation.metrics.bootstrap import bootstrap_ci
+
+    mean, low, high = bootstrap_ci(values, bootstrap.n_resamples, bootstrap.confidence, bootstrap.seed)
+    nan = mean != mean
+    return {"value": None if nan else mean, "ci_low": None if nan else low, "ci_high": None if nan else high,
+            "n": len(values)}
+
+
+def summarize_answer_facts(verdicts: list[AnswerVerdict], bootstrap) -> dict:
+    """Fact accuracy (share ``correct``, 95% bootstrap CI) overall and per question type, with verdict counts."""
+    def entry(vs: list[AnswerVerdict]) -> dict:
+        e = _ci_entry([float(v.verdict == "correct") for v in vs], bootstrap)
+        return {"accuracy": e["value"], "ci_low": e["ci_low"], "ci_high": e["ci_high"], "n": e["n"],
+                **{k: sum(v.verdict == k for v in vs) for k in VERDICTS}}
+    categories = sorted({v.category for v in verdicts})
+    return {"overall": entry(verdicts),
+            "per_category": {c: entry([v for v in verdicts if v.category == c]) for c in categories}}
+
+
+def summarize_text_facts(checked: list[TextFacts], bootstrap) -> dict:
+    """Mean per-text fact precision (texts with no claim left out), recall, contradiction rate (with CIs) and the
+    count of each contradiction kind."""
+    kinds: dict[str, int] = {}
+    for t in checked:
+        for k in t.contradictions:
+            kinds[k] = kinds.get(k, 0) + 1
+    return {"fact_precision": _ci_entry([t.precision for t in checked if t.precision is not None], bootstrap),
+            "fact_recall": _ci_entry([t.recall for t in checked], bootstrap),
+            "contradiction_rate": _ci_entry([float(bool(t.contradictions)) for t in checked], bootstrap),
+            "contradiction_kinds": dict(sorted(kinds.items())), "n": len(checked),
+            "no_claims": sum(t.precision is None for t in checked)}
+
+
+def score_facts(task: str, outputs: dict[str, str], gold: dict[str, dict], bootstrap,
+                tolerance_pp: float = 10.0) -> tuple[dict, dict[str, dict]]:
+    """(summary, {id: per-item facts}) for ``task`` "open_vqa" (gold: {truth, category, question}) or
+    "captioning"/"reports" (gold: {truth}). An id without an output is scored as an empty text."""
+    per_item: dict[str, dict] = {}
+    if task == "open_vqa":
+        verdicts = []
+        for rid, g in gold.items():
+            v = check_answer(g["category"], outputs.get(rid, ""), g["truth"], g.get("question", ""), tolerance_pp)
+            verdicts.append(v)
+            per_item[rid] = v.to_dict()
+        summary = summarize_answer_facts(verdicts, bootstrap)
+    else:
+        checked = []
+        for rid, g in gold.items():
+            t = check_text(outputs.get(rid, ""), g["truth"], tolerance_pp)
+            checked.append(t)
+            per_item[rid] = t.to_dict()
+        summary = summarize_text_facts(checked, bootstrap)
+    summary["tolerance_pp"] = tolerance_pp
+    return summary, per_item
