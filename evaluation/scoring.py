@@ -68,6 +68,26 @@ def load_predicted_fields(path: str | Path, bad_lines: BadLines | None = None) -
     return out
 
 
+def _fact_gold(task: str, gold: Path, bad_lines: BadLines) -> dict[str, dict]:
+    """{id: {truth, category?, question?}} when a SynthSlide ``truth.jsonl`` lies next to the gold file (else {})."""
+    truth_path = gold.parent / "truth.jsonl"
+    if not truth_path.exists():
+        return {}
+    from slidechat.utils.io import read_jsonl
+
+    truth = {str(r["slide_id"]): r for r in read_jsonl(truth_path, bad_lines) if "slide_id" in r}
+    out = {}
+    for row in read_table(gold, bad_lines):
+        rid = str(row.get("id") if task == "open_vqa" else row.get("slide_id", row.get("id")))
+        sid = str(row.get("slide_id", rid))
+        if sid not in truth or (task == "open_vqa" and "category" not in row):
+            continue
+        out[rid] = {"truth": truth[sid]}
+        if task == "open_vqa":
+            out[rid].update(category=row["category"], question=row.get("question", ""))
+    return out
+
+
 def score_text(task: str, outputs: dict[str, str], refs: dict[str, list[str]], cfg: TextScoreConfig) -> dict:
     """Caption metrics + MiniLM similarity for one text task."""
     from slidechat.evaluation.metrics.captioning import caption_metrics
@@ -119,6 +139,16 @@ def _score(pred: Path, gold: str | Path | None, bootstrap: BootstrapConfig | Non
     results = {"meta": meta, task: scored}
     records = [{"task": task, "id": k, "output": outputs.get(k), "references": refs[k], **per_item.get(k, {})}
                for k in refs]
+    fact_gold = _fact_gold(task, Path(gold), bad_lines)
+    if fact_gold:
+        from slidechat.evaluation.metrics.facts import score_facts
+
+        facts, fact_items = score_facts(task, outputs, fact_gold, bootstrap or BootstrapConfig(),
+                                        100.0 * text.numeric_tolerance)
+        results["facts"] = {task: facts}
+        for rec in records:
+            if rec["id"] in fact_items:
+                rec["facts"] = fact_items[rec["id"]]
     if true_fields:
         from slidechat.evaluation.metrics.report_fields import report_field_accuracy
 

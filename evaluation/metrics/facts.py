@@ -22,7 +22,8 @@ from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, QUADRANTS
 VERDICTS = ("correct", "wrong", "hedged", "unparseable")
 PERCENT_SUM_SLACK = 2.0  # rounded percentages ("~42%") may add up to slightly over 100
 NUMBER_WORDS = {"no": 0, "zero": 0, "one": 1, "a single": 1, "single": 1, "two": 2, "three": 3, "four": 4,
-                "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+                "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+                "eleven": 11, "twelve": 12}
 _NUM = r"(\d+|" + "|".join(sorted(NUMBER_WORDS, key=len, reverse=True)) + r")"
 _PCT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:%|per ?cent)")
 _NEG_BEFORE = re.compile(r"\b(no|not|without|nor|absence of|free of|negative for)\b")

@@ -134,3 +134,23 @@ def test_eval_run_reports_fact_columns_on_demo_checkpoint(synth_dataset, tmp_pat
     assert "## Open VQA fact accuracy" in md and "## Caption and report facts" in md
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert all("facts" in s for s in scores if s["task"] in ("open_vqa", "captioning", "reports"))
+
+
+def test_eval_score_open_answers_get_fact_accuracy(synth_dataset, tmp_path):
+    """`eval score` on open answers: truth.jsonl next to the gold file gives the per-type fact accuracy."""
+    from slidechat.cli import main
+    from slidechat.utils.io import read_jsonl
+
+    gold = read_jsonl(synth_dataset / "open_vqa.jsonl")
+    pred = tmp_path / "pred.jsonl"
+    wrong_fragments = {r["id"] for r in gold if r["category"] == "fragments"}
+    pred.write_text("".join(json.dumps({"id": r["id"], "output": "eleven" if r["id"] in wrong_fragments
+                                        else r["answer"]}) + "\n" for r in gold))
+    out = tmp_path / "score"
+    assert main(["eval", "score", "--pred", str(pred), "--gold", str(synth_dataset / "open_vqa.jsonl"), "--out",
+                 str(out), "--no-meteor", "--no-embedding"]) == 0
+    facts = json.loads((out / "results.json").read_text())["facts"]["open_vqa"]
+    per = facts["per_category"]
+    assert per["fragments"]["accuracy"] == 0.0 and per["fragments"]["wrong"] == len(wrong_fragments)
+    assert all(e["accuracy"] == 1.0 for c, e in per.items() if c != "fragments")
+    assert "## Open VQA fact accuracy" in (out / "results.md").read_text()
