@@ -60,8 +60,9 @@ CSS = """
                        font: bold 0.8rem/1.3 system-ui; padding: 0 5px; border-radius: 3px;}
 .sc-region-box {border: 2px dashed #4f46e5; background: rgba(79,70,229,0.12); box-sizing: border-box;
                 pointer-events: none;}
-#sc-evidence {display: flex; flex-wrap: wrap; gap: 0.5rem;}
-#sc-evidence .sc-crop {margin: 0; width: 170px; cursor: pointer; border: 1px solid var(--border-color-primary);
+#sc-evidence .sc-evidence-row {display: flex; flex-wrap: wrap; gap: 0.5rem;}
+.sc-evidence-title {font-size: 0.85rem; margin-bottom: 0.3rem;}
+#sc-evidence .sc-crop {margin: 0; width: 130px; cursor: pointer; border: 1px solid var(--border-color-primary);
                        border-radius: 6px; padding: 3px; background: var(--background-fill-secondary);}
 #sc-evidence .sc-crop img {width: 100%; border-radius: 4px; display: block;}
 #sc-evidence figcaption {font-size: 0.72rem; color: var(--body-text-color-subdued);}
@@ -108,8 +109,8 @@ def _viewer_state_html(state: dict) -> str:
 def _evidence_panel(session: SlideSession, mpp: float | None) -> str:
     """The last answer's evidence crops (clicking one flies the viewer there), or why there are none."""
     if session.evidence:
-        return '<div class="sc-evidence-title">Where the model looked (click a region to show it):</div>' + \
-            export.evidence_html(session.evidence, mpp)
+        return ('<div class="sc-evidence-title">Where the model looked (click a region to show it on the slide):'
+                '</div><div class="sc-evidence-row">' + export.evidence_html(session.evidence, mpp) + "</div>")
     if session.evidence_error and session.transcript:
         return f'<div class="sc-evidence-note">⚠ Evidence unavailable: {html.escape(session.evidence_error)}</div>'
     return ""

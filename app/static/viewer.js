@@ -172,7 +172,7 @@
     S.drawing = on;
     const btn = $("#sc-draw-region");
     if (btn) btn.classList.toggle("sc-active", on);
-    if (S.viewer) S.viewer.setMouseNavEnabled(!on);
+    // canvas-drag handlers cancel panning while drawing (disabling mouse navigation would also stop them)
   }
 
   S.viewRegion = function () {
