@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from slidechat.inference.report import _vocab, parse_yes_no
-from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, QUADRANTS
+from slidechat.inference.report import parse_yes_no
+from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, spelling_vocabulary
 
 VERDICTS = ("correct", "wrong", "hedged", "unparseable")
 PERCENT_SUM_SLACK = 2.0  # rounded percentages ("~42%") may add up to slightly over 100
@@ -79,7 +79,7 @@ def _class_of_display() -> dict[str, str]:
 
 def _tissue_pattern() -> list[tuple[str, re.Pattern]]:
     """(class, regex) per tissue class; spellings are word-start prefixes (``necros`` matches ``necrosis``)."""
-    tissues, _ = _vocab()
+    tissues, _ = spelling_vocabulary()
     by_display = _class_of_display()
     out = []
     for display, spellings in tissues.items():

@@ -17,38 +17,8 @@ from slidechat import prompts
 from slidechat.inference.cache import InferenceCache, resolve
 from slidechat.errors import SlideChatError
 from slidechat.inference.conversation import Conversation, prepare_slide
+from slidechat.synth.classes import spelling_vocabulary
 from slidechat.inference.evidence import DEFAULT_K
-
-# class key -> spellings recognised in answers (lower case, prefixes allowed)
-_TISSUE_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "stroma": ("stroma", "fibrous", "connective"),
-    "normal_glands": ("normal gland", "glands", "glandular"),
-    "tumor": ("tumour", "tumor", "carcinoma", "malignan", "cancer"),
-    "necrosis": ("necros", "necrotic"),
-    "lymphocytes": ("lymphocyt", "lymphoid", "inflammat"),
-    "fat": ("adipose", "fat"),
-}
-_LESION_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "tumor": ("carcinoma", "tumour", "tumor", "malignan", "cancer"),
-    "necrosis": ("necros", "necrotic"),
-    "lymphocytes": ("lymphoid", "lymphocyt", "aggregate"),
-}
-_FALLBACK_DISPLAY = {"stroma": "fibrous stroma", "normal_glands": "normal glands", "tumor": "tumour",
-                     "necrosis": "necrosis", "lymphocytes": "lymphocyte-rich infiltrate", "fat": "adipose tissue"}
-_FALLBACK_LESION_DISPLAY = {"tumor": "carcinoma (tumour focus)", "necrosis": "necrotic focus",
-                            "lymphocytes": "lymphoid aggregate"}
-
-
-def _vocab() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
-    """(tissue, lesion) vocabularies: canonical display name -> spellings (SlideSynth's names when available)."""
-    try:
-        from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY
-    except ImportError:
-        DISPLAY_NAMES, LESION_DISPLAY = _FALLBACK_DISPLAY, _FALLBACK_LESION_DISPLAY
-    tissues = {d: (d.lower(), k.replace("_", " "), *_TISSUE_SYNONYMS.get(k, ())) for k, d in DISPLAY_NAMES.items()}
-    lesions = {d: (d.lower(), k.replace("_", " "), *_LESION_SYNONYMS.get(k, ())) for k, d in LESION_DISPLAY.items()}
-    return tissues, lesions
-
 
 def _mentions(text: str, vocab: dict[str, tuple[str, ...]]) -> list[str]:
     """Canonical names mentioned in ``text``, in order of first mention."""
@@ -104,7 +74,7 @@ def parse_percent(text: str) -> float | None:
 
 def parse_answers(answers: dict[str, str]) -> dict[str, Any]:
     """Fields from the raw answers to ``prompts.REPORT_QUESTIONS``."""
-    tissues, lesions = _vocab()
+    tissues, lesions = spelling_vocabulary()
     f: dict[str, Any] = {}
     f["tissue_types"] = _mentions(answers.get("tissue_types", ""), tissues)
     dom = _mentions(answers.get("dominant_tissue", ""), tissues)

@@ -43,3 +43,26 @@ def tumor_fraction_bin(fraction: float) -> str:
         if lo < fraction <= hi or (lo == 0.0 and fraction <= hi):
             return name
     return TUMOR_FRACTION_BINS[-1][2]
+
+
+# class key -> spellings a free-text answer may use (lower case; prefixes allowed)
+TISSUE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "stroma": ("stroma", "fibrous", "connective"),
+    "normal_glands": ("normal gland", "glands", "glandular"),
+    "tumor": ("tumour", "tumor", "carcinoma", "malignan", "cancer"),
+    "necrosis": ("necros", "necrotic"),
+    "lymphocytes": ("lymphocyt", "lymphoid", "inflammat"),
+    "fat": ("adipose", "fat"),
+}
+LESION_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "tumor": ("carcinoma", "tumour", "tumor", "malignan", "cancer"),
+    "necrosis": ("necros", "necrotic"),
+    "lymphocytes": ("lymphoid", "lymphocyt", "aggregate"),
+}
+
+
+def spelling_vocabulary() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """(tissue, lesion) vocabularies for reading answers: display name -> the spellings that name it."""
+    tissues = {d: (d.lower(), k.replace("_", " "), *TISSUE_SYNONYMS.get(k, ())) for k, d in DISPLAY_NAMES.items()}
+    lesions = {d: (d.lower(), k.replace("_", " "), *LESION_SYNONYMS.get(k, ())) for k, d in LESION_DISPLAY.items()}
+    return tissues, lesions
