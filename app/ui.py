@@ -171,14 +171,14 @@ class Handlers:
                       progress=gr.Progress()):
         session = self.session(request)
         if not pending:
-            return (gr.skip(),) * 10 + (None,)
+            return (gr.skip(),) * 11 + (None,)
         return self._open(session, Path(pending), Path(pending).name, mpp, show, alpha, progress) + (None,)
 
     def open_example(self, label: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
                      progress=gr.Progress()):
         session = self.session(request)
         if not label or label not in self.examples:
-            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 9
+            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 10
         return self._open(session, self.examples[label], label, mpp, show, alpha, progress)
 
     def _open(self, session: SlideSession, path: Path, name: str, mpp: float | None, show: bool, alpha: float,
@@ -200,7 +200,7 @@ class Handlers:
         image = self.service.slide_image(session, show, alpha)
         return (status, image, _facts_markdown(session.info), list(session.transcript), "",
                 gr.update(value=None, visible=False), gr.update(value=None, visible=False),
-                gr.update(value=None, interactive=False), self.viewer(session), "")
+                gr.update(value=None, interactive=False), self.viewer(session), "", "")
 
     # ---- chat
     def ask(self, question: str, show: bool, alpha: float, region: str, request: gr.Request):
@@ -351,7 +351,7 @@ def _chat_column(config: AppConfig) -> dict[str, Any]:
 
 def _wire_open(c: dict[str, Any], h: Handlers, model: dict) -> None:
     open_outputs = [c[k] for k in ("status", "image", "facts", "chatbot", "question", "report_md", "report_files",
-                                   "download_conv", "viewer_state", "evidence")]
+                                   "download_conv", "viewer_state", "evidence", "region")]
     settings = [c["mpp"], c["show_heatmap"], c["alpha"]]
     c["upload"].upload(h.start_upload, c["upload"], [c["status"], c["viewer_state"], c["pending"]],
                        show_progress="hidden", api_name=False, concurrency_limit=None).then(

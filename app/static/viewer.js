@@ -17,9 +17,12 @@
   function setTextbox(id, value) {
     const el = document.querySelector("#" + id + " textarea, #" + id + " input");
     if (!el) return;
-    el.value = value;
+    el.focus();
+    const proto = el.tagName === "TEXTAREA" ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;
+    Object.getOwnPropertyDescriptor(proto, "value").set.call(el, value);
     el.dispatchEvent(new Event("input", { bubbles: true }));
     el.dispatchEvent(new Event("change", { bubbles: true }));
+    el.blur();
   }
 
   function ensureViewer(container) {
