@@ -354,7 +354,7 @@ def _serve_cli(argv: list[str], env_cache: Path, timeout: float) -> tuple[str, s
     from slidechat.app.server import free_port
 
     port = free_port()
-    env = dict(os.environ, SLIDECHAT_CACHE=str(env_cache), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, SLIDECHAT_CACHE_DIR=str(env_cache), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([sys.executable, "-m", "slidechat.cli", *argv, "--port", str(port), "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

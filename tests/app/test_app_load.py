@@ -62,8 +62,8 @@ def test_concurrent_sessions_no_errors_no_cross_talk(n_sessions, n_questions, ti
         history = None
         for j in range(N_QUESTIONS):
             t0 = time.perf_counter()
-            history, _q, _img, status, _dl = client.predict(f"[s{i}-q{j}] Which tissue types are present?", True,
-                                                            0.45, api_name="/ask")
+            history, _q, _img, status, _dl, *_ = client.predict(f"[s{i}-q{j}] Which tissue types are present?", True,
+                                                            0.45, "", api_name="/ask")
             with lock:
                 latencies["ask"].append(time.perf_counter() - t0)
             if "Answered" not in status:
