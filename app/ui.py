@@ -171,6 +171,10 @@ class Handlers:
                       progress=gr.Progress()):
         session = self.session(request)
         if not pending:
+            if session.slide is None:  # the upload failed and the old slide is closed: so are its panels
+                return (gr.skip(), None, "", [], gr.skip(), gr.update(value=None, visible=False),
+                        gr.update(value=None, visible=False), gr.update(value=None, interactive=False), gr.skip(),
+                        "", "", None)
             return (gr.skip(),) * 11 + (None,)
         return self._open(session, Path(pending), Path(pending).name, mpp, show, alpha, progress) + (None,)
 

@@ -108,7 +108,9 @@ def test_upload_progress_chat_heatmap_report_and_bad_upload(browser, served, tes
     assert "Opened case-A.tiff" in status, status
     n_patches = next(s for s in service.registry.sessions() if s.source_name == "case-A.tiff").info["patches"]
     assert any(f"/{n_patches})" in ln for ln in progress_lines if "Encoding patches" in ln), progress_lines
-    assert page.query_selector("#sc-image img") is not None
+    page.wait_for_function("() => window.SlideChatViewer && window.SlideChatViewer.tiles > 0", timeout=30000)
+    page.click("text=Overview image (thumbnail + heatmap)")  # the overview sits in a closed accordion
+    page.wait_for_selector("#sc-image img", timeout=10000)
     facts = page.inner_text("#sc-facts")
     assert "case-A.tiff" in facts and "0.500" in facts and str(n_patches) in facts
     page.screenshot(path=str(shots / "03_slide_open.png"), full_page=True)

@@ -57,7 +57,8 @@ def page(demo_app):
 def _open(page, slide: Path) -> None:
     page.set_input_files("#sc-upload input[type=file]", str(slide))
     page.wait_for_function("() => window.SlideChatViewer && window.SlideChatViewer.tiles > 0", timeout=30000)
-    page.wait_for_selector("#sc-status .sc-ok", timeout=120000)
+    # the status line of the slide opened before may still be an "ok" one: wait for this slide's own
+    page.wait_for_selector(f"#sc-status .sc-ok:has-text('Opened {slide.name}')", timeout=120000)
     assert not page.query_selector("#sc-status .sc-error")
 
 
