@@ -327,8 +327,9 @@ def _slide_column(config: AppConfig, examples: dict[str, Path]) -> dict[str, Any
 
 def _chat_column(config: AppConfig) -> dict[str, Any]:
     c: dict[str, Any] = {}
+    # plain text: the model writes no markdown, and "~40%" must not turn into strikethrough
     c["chatbot"] = gr.Chatbot(label="Conversation", elem_id="sc-chat", height=430, layout="bubble",
-                              buttons=["copy"], feedback_options=None,
+                              render_markdown=False, buttons=["copy"], feedback_options=None,
                               placeholder="Open a slide, then ask about tissue types, lesions, tumour fraction…")
     c["evidence"] = gr.HTML("", elem_id="sc-evidence")
     with gr.Row():
