@@ -179,7 +179,7 @@ def _device_for_process(device: str | None) -> str | None:
     return None
 
 
-def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None:
+def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> str | None:
     """Fill ``encode_slide``'s feature cache for ``path`` reading tiles with threads, not DataLoader processes.
 
     Forking DataLoader workers from the prefetch thread while the main thread runs the LLM can kill the
@@ -189,9 +189,9 @@ def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None
     from slidechat.inference import encode as inference_encode
 
     if path.suffix.lower() in inference_encode.FEATURE_SUFFIXES or assistant.config.patch_encoder is None:
-        return
+        return None
     if not path.is_file():
-        return  # encode_slide raises the proper error
+        return None  # encode_slide raises the proper error
     from slidechat.features.extract import extract_slide
     from slidechat.slide.config import ExtractionConfig
 
@@ -199,19 +199,21 @@ def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> None
     sha = sha256_file(path)
     h5 = cache / inference_encode.encoder_cache_key(assistant) / f"{sha}.h5"
     if h5.is_file():
-        return
+        return sha
     ref = assistant.config.patch_encoder
     config = ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, mpp=cfg.mpp, num_workers=2,
                               reader_mode="threads")
     extract_slide(path, inference_encode.load_patch_encoder(assistant), h5, config, sha256=sha)
+    return sha
 
 
 def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
     """Encode a slide and draw its thumbnail (runs in the prefetch thread when ``in_thread``)."""
     t0 = time.perf_counter()
+    sha = None
     if in_thread if cfg.thread_reader is None else cfg.thread_reader:
-        _extract_with_threads(assistant, job.slide_path, cfg)
-    enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir)
+        sha = _extract_with_threads(assistant, job.slide_path, cfg)
+    enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir, sha256=sha)
     prep = {"enc": enc, "encode_s": time.perf_counter() - t0, "thumb": None, "size0": None}
     try:
         from slidechat.utils.figures import save_image_atomic, slide_thumbnail

@@ -78,8 +78,11 @@ def load_patch_encoder(assistant, cache: InferenceCache | None = None):
 
 
 def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: Callable | None = None,
-                 cache_dir: str | Path | None = None, cache: InferenceCache | None = None) -> EncodedSlide:
-    """Features for ``path_or_h5``: a ``.h5``/``.csv`` is loaded directly; a slide is tiled + encoded once."""
+                 cache_dir: str | Path | None = None, cache: InferenceCache | None = None,
+                 sha256: str | None = None) -> EncodedSlide:
+    """Features for ``path_or_h5``: a ``.h5``/``.csv`` is loaded directly; a slide is tiled + encoded once.
+
+    ``sha256``: the slide file's hash when the caller has it already (a slide is never hashed twice)."""
     from slidechat.features.store import load_features
 
     if isinstance(path_or_h5, EncodedSlide):
@@ -92,7 +95,7 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
         sha = str(feats.attrs.get("slide_sha256") or sha256_file(path))
         return EncodedSlide(slide_id=feats.slide_id or path.stem, sha256=sha, features=feats,
                             h5_path=path if path.suffix.lower() != ".csv" else None, source_path=path)
-    sha = sha256_file(path)
+    sha = sha256 or sha256_file(path)
     out = Path(cache_dir).expanduser() if cache_dir else default_feature_cache()
     model, cache = resolve(assistant, cache)
     h5 = out / encoder_cache_key(model) / f"{sha}.h5"
@@ -104,10 +107,11 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
             log.warning("cached features %s are unreadable; re-extracting", h5)
     if feats is None:
         from slidechat.features.extract import extract_slide
+        from slidechat.slide.config import ExtractionConfig
 
         ref = model.config.patch_encoder
-        extract_slide(path, load_patch_encoder(model, cache), h5, target_mpp=ref.target_mpp, patch_size=ref.patch_size,
-                      mpp=mpp, progress=progress)
+        config = ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, mpp=mpp)
+        extract_slide(path, load_patch_encoder(model, cache), h5, config, sha256=sha, progress=progress)
         feats = load_features(h5)
     return EncodedSlide(slide_id=path.stem, sha256=sha, features=feats, h5_path=h5, source_path=path)
 

@@ -28,9 +28,10 @@ class SlideChat:
         self.cache = cache or cache_for(model)
 
     def encode_slide(self, path_or_h5, *, mpp: float | None = None, progress: Callable | None = None,
-                     cache_dir: str | Path | None = None) -> EncodedSlide:
+                     cache_dir: str | Path | None = None, sha256: str | None = None) -> EncodedSlide:
         """Features of a slide file (tiled + encoded once, cached by sha256) or a ``.h5`` / SlideChat ``.csv``."""
-        return encode_slide(self.model, path_or_h5, mpp=mpp, progress=progress, cache_dir=cache_dir, cache=self.cache)
+        return encode_slide(self.model, path_or_h5, mpp=mpp, progress=progress, cache_dir=cache_dir, cache=self.cache,
+                            sha256=sha256)
 
     def chat(self, slide, **kwargs) -> Conversation:
         """A multi-turn ``Conversation`` about ``slide`` (an EncodedSlide, SlideFeatures, or a path)."""

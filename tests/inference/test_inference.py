@@ -183,6 +183,11 @@ def test_encode_slide_file_extracts_once_and_caches(tiny_model_config, cmu_slide
     assert again.h5_path == enc.h5_path and again.num_patches == enc.num_patches
     answer = model.chat(again).ask("Which tissue types are present?", max_new_tokens=4)
     assert isinstance(answer, str)
+    import slidechat.inference.encode as encode
+
+    monkeypatch.setattr(encode, "sha256_file", lambda *a: pytest.fail("hashed a slide whose sha256 was given"))
+    given = model.encode_slide(cmu_slide, cache_dir=tmp_path, sha256=enc.sha256)
+    assert given.sha256 == enc.sha256 and given.h5_path == enc.h5_path
 
 
 def test_load_errors(tmp_path):
