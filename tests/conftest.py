@@ -168,3 +168,20 @@ def _tiny_demo_cnn_config(tiny_llm_dir, patch_encoder):
         qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64),
         llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=patch_encoder)
+
+
+@pytest.fixture(scope="module")
+def tiny_qformer_chat(tiny_llm_dir):
+    """A SlideChat over a tiny random Q-Former assistant (32-d features, 8 queries) on the tiny LLM; no patch encoder."""
+    import torch
+
+    from slidechat.inference.pipeline import SlideChat
+    from slidechat.model.assistant import SlideAssistant
+    from slidechat.model.config import LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig
+
+    cfg = SlideAssistantConfig(
+        encoder=SlideEncoderConfig(feature_dim=32, hidden_size=32, num_heads=2, slide_layers=1, num_slide_tokens=2),
+        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=None)
+    torch.manual_seed(0)
+    return SlideChat(SlideAssistant(cfg, device="cpu"))

@@ -6,14 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from slidechat.errors import SlideChatError
 from slidechat.features.store import SlideFeatures, write_features_h5
-from slidechat.inference import SlideChat
 from slidechat.inference.evidence import crop_region, top_regions
 from slidechat.inference.heatmap import Heatmap
-from slidechat.model import SlideAssistant
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 PS = 256
@@ -29,15 +26,8 @@ def _grid_slide(side: int = 10, dim: int = 32, seed: int = 0) -> SlideFeatures:
 
 
 @pytest.fixture(scope="module")
-def chat(tiny_llm_dir):
-    from slidechat.model.config import LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig
-
-    cfg = SlideAssistantConfig(
-        encoder=SlideEncoderConfig(feature_dim=32, hidden_size=32, num_heads=2, slide_layers=1, num_slide_tokens=2),
-        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_attention_heads=2, intermediate_size=64),
-        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=None)
-    torch.manual_seed(0)
-    return SlideChat(SlideAssistant(cfg, device="cpu"))
+def chat(tiny_qformer_chat):
+    return tiny_qformer_chat
 
 
 def _boxes_overlap(a, b) -> bool:

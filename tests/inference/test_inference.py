@@ -29,15 +29,8 @@ def _features(n: int, dim: int = 32, coords: bool = True, seed: int = 0) -> Slid
 
 
 @pytest.fixture(scope="module")
-def assistant(tiny_llm_dir):
-    from slidechat.model.config import LLMConfig, QFormerConfig, SlideAssistantConfig, SlideEncoderConfig
-
-    cfg = SlideAssistantConfig(
-        encoder=SlideEncoderConfig(feature_dim=32, hidden_size=32, num_heads=2, slide_layers=1, num_slide_tokens=2),
-        qformer=QFormerConfig(num_query_tokens=8, hidden_size=32, num_attention_heads=2, intermediate_size=64),
-        llm=LLMConfig(name_or_path=str(tiny_llm_dir)), patch_encoder=None)
-    torch.manual_seed(0)
-    return SlideChat(SlideAssistant(cfg, device="cpu"))
+def assistant(tiny_qformer_chat):
+    return tiny_qformer_chat
 
 
 QUESTIONS = ["Which tissue types are present?", "Is there a focal lesion?", "Write a short pathology report."]
