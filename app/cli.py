@@ -78,7 +78,7 @@ def serve(args: argparse.Namespace, checkpoint: str | None) -> int:
     config.checkpoint_label, config.banner = label, banner
     service, demo = prepare(assistant, config, with_examples=config.n_examples > 0)
     log.info("SlideChat app on http://%s:%s (Ctrl-C to stop)", config.host, config.port)
-    launch(demo, config, service.tiles, block=True)
+    launch(demo, config, service.tiles, block=True, quiet=not config.share)  # our line above says where it runs
     return 0
 
 
