@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP
-from slidechat.training.trainer import GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings
+from slidechat.training.trainer import (GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings,
+                                        epoch_order)
 from slidechat.utils.io import read_jsonl
 
 log = logging.getLogger("training")
@@ -164,11 +165,7 @@ class PatchCNNStage(GeneratorStage):
         return -(-len(self.train_idx) // self.cfg.batch_size)
 
     def epoch_batches(self, epoch: int, start: int, ctx: TrainContext):
-        rng = np.random.default_rng(self.cfg.seed)  # one generator's stream over the epochs, replayed
-        rng.permutation(len(self.y))
-        for _ in range(epoch):
-            rng.permutation(len(self.train_idx))
-        perm = self.train_idx[rng.permutation(len(self.train_idx))]
+        perm = epoch_order(self.cfg.seed, len(self.y), self.train_idx, epoch)
         bs = self.cfg.batch_size
         for s in range(start * bs, len(perm), bs):
             idx = perm[s:s + bs]

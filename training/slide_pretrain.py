@@ -23,7 +23,8 @@ from torch import nn
 from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
 from slidechat.training.grounding import grounding_loss
-from slidechat.training.trainer import GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings
+from slidechat.training.trainer import (GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings,
+                                        epoch_order)
 
 log = logging.getLogger("training")
 
@@ -255,12 +256,7 @@ class SlidePretrainStage(GeneratorStage):
         return -(-len(self.train_idx) // self.cfg.batch_size)
 
     def epoch_batches(self, epoch: int, start: int, ctx: TrainContext):
-        # the permutation stream of one generator over the epochs (replayed, so a resume sees the same order)
-        rng = np.random.default_rng(self.cfg.seed)
-        rng.permutation(len(self.data))
-        for _ in range(epoch):
-            rng.permutation(len(self.train_idx))
-        perm = self.train_idx[rng.permutation(len(self.train_idx))]
+        perm = epoch_order(self.cfg.seed, len(self.data), self.train_idx, epoch)
         bs = self.cfg.batch_size
         for s in range(start * bs, len(perm), bs):
             yield perm[s:s + bs]

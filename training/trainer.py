@@ -159,6 +159,16 @@ class GeneratorStage(Stage):
             self.gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
+def epoch_order(seed: int, n_items: int, train_idx: np.ndarray, epoch: int) -> np.ndarray:
+    """``train_idx`` in the order of epoch ``epoch``: one generator's permutation stream (its first draw is over all
+    ``n_items``), replayed from the start so a resumed run sees the same order."""
+    rng = np.random.default_rng(seed)
+    rng.permutation(n_items)
+    for _ in range(epoch):
+        rng.permutation(len(train_idx))
+    return train_idx[rng.permutation(len(train_idx))]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
