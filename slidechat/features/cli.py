@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from slidechat.slide.config import ExtractionConfig, add_extraction_arguments
+from slidechat.slide.config import ExtractionConfig, add_extraction_arguments, option_type
+from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_extraction_arguments(parser)
     parser.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
     parser.add_argument("--no-resume", action="store_true", help="re-extract slides whose .h5 already exists")
+    parser.add_argument("--lock-stale-after", type=option_type("lock_stale_after"), default=DEFAULT_STALE_AFTER_S,
+                        metavar="SECONDS",
+                        help="several workers may share --out; take over a slide whose worker on another machine has "
+                             f"not refreshed its lock for this long (default {DEFAULT_STALE_AFTER_S:g}; a killed "
+                             "worker on this machine at once)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_description("")
 
     summary = extract_many(args.slides, encoder, args.out, config, resume=not args.no_resume,
-                           progress=progress, on_slide=on_slide)
+                           progress=progress, on_slide=on_slide, lock_stale_s=args.lock_stale_after)
     bar.close()
     print(summary.line())
     return 2 if summary.failed else 0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import json
 import logging
 import os
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,20 +25,24 @@ from slidechat.slide.config import ExtractionConfig
 from slidechat.slide.reader import SlideReader
 from slidechat.slide.tiling import PatchBlockDataset, TileGrid, grid_shape, make_tile_grid, patch_loader
 from slidechat.slide.tissue import TissueMask, detect_tissue
-from slidechat.utils.io import sha256_file
+from slidechat.utils.io import remove_stale_temp_files, sha256_file, write_json_atomic
+from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, LOCK_SUFFIX, LockFolder, safe_file_name
 
 log = logging.getLogger(__name__)
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".vms", ".vmu", ".mrxs", ".qptiff", ".svslide")
 Progress = Callable[[str, int, int], None]
+LOCK_DIR = ".locks"  # per-slide claims of the workers sharing an output folder
+FAILED_SUFFIX = ".failed"
 
 
 @dataclass
 class ExtractSummary:
-    """Outcome of extract_many: written, skipped (already complete) and failed slides."""
+    """Outcome of extract_many: written, skipped (already complete), busy (another worker's) and failed slides."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)  # inputs another live worker was extracting
     failed: list[tuple[str, str]] = field(default_factory=list)  # (input, one-line reason)
     results: list["ExtractionResult"] = field(default_factory=list)  # one per written slide
     n_patches: int = 0
@@ -45,8 +53,9 @@ class ExtractSummary:
         return self.n_patches / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        busy = f", {len(self.busy)} being extracted by other workers" if self.busy else ""
         return (
-            f"slides: {len(self.written)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
+            f"slides: {len(self.written)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed{busy}; "
             f"patches: {self.n_patches}; {self.seconds:.1f}s ({self.patches_per_second:.1f} patches/s)"
         )
 
@@ -185,16 +194,12 @@ class ExtractionResult:
         return SlideFeatures(features=self.features, coords=self.coords, attrs=dict(self.attrs), path=self.h5_path)
 
 
-_LEGACY_KEYWORDS = {"target_mpp", "patch_size", "batch_size", "num_workers", "mpp", "reader_mode", "tissue_threshold"}
-
-
-def _resolve_config(config: ExtractionConfig | None, legacy: dict) -> ExtractionConfig:
-    """``config`` with any separate keyword settings applied (the keyword form predates ExtractionConfig)."""
-    unknown = set(legacy) - _LEGACY_KEYWORDS
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    config = config or ExtractionConfig()
-    return config.replace(**legacy) if legacy else config
+def _check_config(config: ExtractionConfig | None) -> ExtractionConfig:
+    if config is None:
+        return ExtractionConfig()
+    if not isinstance(config, ExtractionConfig):
+        raise TypeError(f"config must be an ExtractionConfig, got {type(config).__name__}")
+    return config
 
 
 def extract_slide(
@@ -206,14 +211,13 @@ def extract_slide(
     sha256: str | None = None,
     tissue: TissueMask | None = None,
     progress: Progress | None = None,
-    **legacy,
 ) -> ExtractionResult:
     """Tile ``slide_path`` over tissue as ``config`` says, encode every patch, write the .h5 atomically.
 
     ``sha256`` (the slide file's, when the caller already has it) and ``tissue`` (a mask already detected
     on this slide) are used as given instead of being computed again.
     """
-    config = _resolve_config(config, legacy)
+    config = _check_config(config)
     slide_path = Path(slide_path)
     progress = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
@@ -290,13 +294,19 @@ def extract_many(
     resume: bool = True,
     progress: Progress | None = None,
     on_slide: Callable[[Path, str, str], None] | None = None,
-    **legacy,
+    lock_stale_s: float = DEFAULT_STALE_AFTER_S,
 ) -> ExtractSummary:
     """Extract every slide in ``inputs`` into ``out_dir/<slide_id>.h5``; bad slides are recorded, not fatal.
 
-    ``on_slide(path, status, message)`` is called per slide with status "ok", "skipped" or "failed".
+    Several workers (processes, or machines on a shared filesystem) may run this on the same ``out_dir``: each
+    claims a slide with a lock file in ``out_dir/.locks`` first, so every slide is extracted by one worker. A
+    slide another live worker holds is skipped ("busy"); a lock whose holder died (on this host) or stopped
+    refreshing it for ``lock_stale_s`` seconds is taken over. A slide that failed in a worker running at the
+    same time is not tried again by the others.
+
+    ``on_slide(path, status, message)`` is called per slide with status "ok", "skipped", "busy" or "failed".
     """
-    config = _resolve_config(config, legacy)
+    config = _check_config(config)
     out_dir = Path(out_dir)
     summary = ExtractSummary()
     on_slide = on_slide or (lambda p, s, m: None)
@@ -307,24 +317,147 @@ def extract_many(
         on_slide(Path(item), "failed", f"{item}: no slides found there")
     start = time.perf_counter()
     expected = {"encoder": encoder.name, "patch_size": config.patch_size, "target_mpp": float(config.target_mpp)}
+    claims = _SlideClaims(out_dir, expected, resume, lock_stale_s)
+    busy: list[Path] = []
     for slide in slides:
-        out_path = out_dir / f"{slide_id_of(slide)}.h5"
-        if resume and is_complete_features_h5(out_path, expected):
+        if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress) == "busy":
+            busy.append(slide)
+    for slide in busy:  # once more: a holder that died meanwhile left its slide to us
+        if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress, last_try=True) == "busy":
+            summary.busy.append(slide)
+    claims.finish()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _extract_claimed(slide: Path, claims: "_SlideClaims", encoder: PatchEncoder, config: ExtractionConfig,
+                     summary: ExtractSummary, on_slide: Callable[[Path, str, str], None],
+                     progress: Progress | None, last_try: bool = False) -> str:
+    """Claim ``slide``, extract it and record the outcome in ``summary``; the status."""
+    out_path = claims.out_dir / f"{slide_id_of(slide)}.h5"
+    if claims.done(out_path):
+        summary.skipped.append(out_path)
+        on_slide(slide, "skipped", f"{out_path} already complete")
+        return "skipped"
+    lock = claims.locks.try_acquire(out_path.name)
+    if lock is None:
+        holder = claims.locks.holder(out_path.name)
+        who = f"{holder.host}:{holder.pid}" if holder is not None and holder.pid is not None else "another worker"
+        if last_try:
+            on_slide(slide, "busy", f"{slide}: being extracted by {who} (lock {claims.locks.path_for(out_path.name)})")
+        return "busy"
+    with lock:
+        if claims.done(out_path):  # finished (and released) by another worker just before we took the lock
             summary.skipped.append(out_path)
             on_slide(slide, "skipped", f"{out_path} already complete")
-            continue
+            return "skipped"
+        failed_elsewhere = claims.failure_of(out_path)
+        if failed_elsewhere is not None:
+            summary.failed.append((str(slide), failed_elsewhere))
+            on_slide(slide, "failed", failed_elsewhere)
+            return "failed"
         try:
             result = extract_slide(slide, encoder, out_path, config, progress=progress)
         except SlideChatError as exc:
+            claims.record_failure(out_path, str(exc))
             summary.failed.append((str(slide), str(exc)))
             on_slide(slide, "failed", str(exc))
-            continue
-        summary.written.append(out_path)
-        summary.results.append(result)
-        summary.n_patches += result.num_patches
-        on_slide(slide, "ok", f"{out_path} ({result.num_patches} patches)")
-    summary.seconds = time.perf_counter() - start
-    return summary
+            return "failed"
+        claims.clear_failure(out_path)
+    summary.written.append(out_path)
+    summary.results.append(result)
+    summary.n_patches += result.num_patches
+    on_slide(slide, "ok", f"{out_path} ({result.num_patches} patches)")
+    return "ok"
+
+
+class _SlideClaims:
+    """The lock folder of one ``extract_many`` run and what it knows about the slides' outputs.
+
+    Without ``resume`` an existing .h5 is still extracted again, but only once: one that changed after this run
+    looked at it was written by a worker running at the same time. A slide that fails leaves
+    ``<slide_id>.h5.failed`` (the error) in the lock folder; workers that started before it was written skip the
+    slide, a later run tries it again.
+    """
+
+    def __init__(self, out_dir: Path, expected: dict, resume: bool, stale_after_s: float) -> None:
+        self.out_dir, self.expected, self.resume = out_dir, expected, resume
+        self.locks = LockFolder(out_dir / LOCK_DIR, stale_after_s=stale_after_s)
+        self._seen: dict[Path, tuple[int, int] | None] = {}
+        self._out_existed = out_dir.exists()
+        self._started_local_ns = time.time_ns()
+        self._started_ns: int | None = None
+
+    @property
+    def started_ns(self) -> int:
+        """When this run started, by the clock of the filesystem holding the lock folder (on a shared
+        filesystem its server stamps the mtimes, and its clock may differ from this machine's)."""
+        if self._started_ns is None:
+            self.locks.folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".clock-", dir=self.locks.folder)
+            try:
+                fs_now = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+            self._started_ns = fs_now - (time.time_ns() - self._started_local_ns)
+        return self._started_ns
+
+    def _stamp(self, path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def done(self, out_path: Path) -> bool:
+        """Whether ``out_path`` needs no extraction (by this worker)."""
+        stamp = self._stamp(out_path)
+        first = self._seen.setdefault(out_path, stamp)
+        if not self.resume and (stamp is None or stamp == first):
+            return False
+        return is_complete_features_h5(out_path, self.expected)
+
+    def _failure_path(self, out_path: Path) -> Path:
+        return self.locks.folder / f"{safe_file_name(out_path.name)}{FAILED_SUFFIX}"
+
+    def failure_of(self, out_path: Path) -> str | None:
+        """The error of a worker running at the same time that failed on this slide, or None."""
+        path = self._failure_path(out_path)
+        try:
+            if path.stat().st_mtime_ns < self.started_ns:
+                return None  # from an earlier run: try again
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if data.get("expected") != self.expected:
+            return None
+        return f"{data.get('error', 'failed')} (in worker {data.get('worker', '?')})"
+
+    def record_failure(self, out_path: Path, error: str) -> None:
+        with contextlib.suppress(OSError):
+            write_json_atomic(self._failure_path(out_path), {
+                "error": error, "expected": self.expected, "worker": f"{socket.gethostname()}:{os.getpid()}"})
+
+    def clear_failure(self, out_path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._failure_path(out_path).unlink()
+
+    def finish(self) -> None:
+        """Remove the lock folder when no worker holds a lock any more (failure notes go with it), and the
+        output folder when this run made it and wrote nothing there."""
+        folder = self.locks.folder
+        with contextlib.suppress(OSError):
+            if not any(p.name.endswith(LOCK_SUFFIX) for p in folder.iterdir()):
+                for note in folder.glob(f"*{FAILED_SUFFIX}"):
+                    note.unlink()
+                remove_stale_temp_files(folder)
+        self.locks.remove_folder_if_empty()
+        if self.out_dir.is_dir():
+            remove_stale_temp_files(self.out_dir)  # left by workers killed mid-write
+        if not self._out_existed:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()
 
 
 def _last_line(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ OPTION_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "threshold": (0.0, 1.0, False, "--tissue-threshold"),
     "min_tissue": (0.001, 1.0, False, "--min-tissue"),
     "thumbnail_size": (64, 8192, True, "--thumbnail-size"),
+    "lock_stale_after": (1.0, 7 * 86400.0, False, "--lock-stale-after"),  # seconds; not an ExtractionConfig field
 }
 
 

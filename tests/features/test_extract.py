@@ -10,6 +10,7 @@ from slidechat.encoders import load_encoder
 from slidechat.errors import SlideChatError
 from slidechat.features.extract import expand_slide_inputs, extract_many, extract_slide
 from slidechat.features.store import REQUIRED_ATTRS, is_complete_features_h5, load_features
+from slidechat.slide.config import ExtractionConfig
 from slidechat.utils.io import read_jsonl, sha256_file
 
 
@@ -21,7 +22,8 @@ def encoder():
 
 def test_extract_real_svs_with_worker_processes(cmu_slide, encoder, tmp_path):
     stages = []
-    out = extract_slide(cmu_slide, encoder, tmp_path / "cmu.h5", num_workers=2, batch_size=16,
+    out = extract_slide(cmu_slide, encoder, tmp_path / "cmu.h5",
+                        ExtractionConfig(num_workers=2, batch_size=16, reader_mode="processes"),
                         progress=lambda s, d, t: stages.append((s, d, t)))
     with h5py.File(out, "r") as fh:
         assert fh["features"].dtype == np.float32 and fh["coords"].dtype.kind == "i"
@@ -37,8 +39,9 @@ def test_extract_real_svs_with_worker_processes(cmu_slide, encoder, tmp_path):
     assert [s for s, _, _ in stages][:2] == ["tissue", "tissue"] and "tiling" in [s for s, _, _ in stages]
     assert stages[-1] == ("encoding", n, n)
     # the main-process path gives the same features as the worker path
-    same = extract_slide(cmu_slide, encoder, tmp_path / "cmu0.h5", num_workers=0)
-    threads = extract_slide(cmu_slide, encoder, tmp_path / "cmu_t.h5", num_workers=2, reader_mode="threads")
+    same = extract_slide(cmu_slide, encoder, tmp_path / "cmu0.h5", ExtractionConfig(num_workers=0))
+    threads = extract_slide(cmu_slide, encoder, tmp_path / "cmu_t.h5",
+                            ExtractionConfig(num_workers=2, reader_mode="threads"))
     a, b, c = load_features(out), load_features(same), load_features(threads)
     np.testing.assert_allclose(a.features, b.features, atol=1e-5)
     np.testing.assert_allclose(a.features, c.features, atol=1e-5)
@@ -82,14 +85,15 @@ def test_extract_many_reports_and_expands(synth_dataset, encoder, tmp_path):
     with pytest.raises(SlideChatError, match="no slides found"):
         expand_slide_inputs([str(tmp_path / "nothing-*.svs")])
     events = []
-    summary = extract_many([slides / "synth-s0-0003.tiff"], encoder, tmp_path / "o", num_workers=0,
-                           target_mpp=1.0, on_slide=lambda p, s, m: events.append(s))
+    summary = extract_many([slides / "synth-s0-0003.tiff"], encoder, tmp_path / "o",
+                           ExtractionConfig(num_workers=0, target_mpp=1.0), on_slide=lambda p, s, m: events.append(s))
     assert events == ["ok"] and summary.n_patches > 0 and not summary.failed
     f = load_features(summary.written[0])
     assert f.attrs["patch_size_level0"] == 448 and f.attrs["target_mpp"] == 1.0
     assert is_complete_features_h5(summary.written[0], {"target_mpp": 1.0})
     # a different target resolution is not "already done"
-    again = extract_many([slides / "synth-s0-0003.tiff"], encoder, tmp_path / "o", num_workers=0, target_mpp=0.5)
+    again = extract_many([slides / "synth-s0-0003.tiff"], encoder, tmp_path / "o",
+                         ExtractionConfig(num_workers=0, target_mpp=0.5))
     assert len(again.written) == 1 and not again.skipped
 
 
@@ -98,7 +102,8 @@ def test_features_separate_tissue_classes(synth_dataset, encoder, tmp_path):
     from PIL import Image
 
     rec = read_jsonl(synth_dataset / "truth.jsonl")[2]
-    f = load_features(extract_slide(synth_dataset / rec["path"], encoder, tmp_path / "s.h5", num_workers=0))
+    f = load_features(extract_slide(synth_dataset / rec["path"], encoder, tmp_path / "s.h5",
+                                    ExtractionConfig(num_workers=0)))
     labels = np.asarray(Image.open(synth_dataset / rec["label_map_path"]))
     ds = rec["mask_downsample"]
     centre = (f.coords + 112) // ds
