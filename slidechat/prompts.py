@@ -35,6 +35,27 @@ REPORT_TITLE = "Slide report"
 CHAT_GREETING = "Ask a question about the slide (empty line or Ctrl-D to quit, /reset to start over)."
 
 
+def slide_name(number: int, label: str | None = None) -> str:
+    """How a case's ``number``-th slide (1-based) is named in prompts and answers: ``Slide 2 (A1 H&E)``."""
+    label = (label or "").strip()
+    return f"Slide {number} ({label})" if label else f"Slide {number}"
+
+
+def slide_marker(number: int, label: str | None = None) -> str:
+    """The marker before a case's ``number``-th slide in the first turn: ``Slide 2 (A1 H&E):``."""
+    return slide_name(number, label) + ":"
+
+
+def case_header(num_slides: int, labels=None) -> str:
+    """The slide block of a conversation's first turn: ``<slide>`` alone for one slide; for a case, one marked
+    line per slide (``Slide 1 (A1 H&E): <slide>``), so answers can name the slide they refer to."""
+    if num_slides == 1:
+        return SLIDE_PLACEHOLDER
+    labels = list(labels or [])
+    labels += [None] * (num_slides - len(labels))
+    return "\n".join(f"{slide_marker(i + 1, labels[i])} {SLIDE_PLACEHOLDER}" for i in range(num_slides))
+
+
 def normalise_placeholder(text: str) -> str:
     """Replace any accepted placeholder spelling (``<image>``, ``<wsi>``) with ``<slide>``."""
     for alias in PLACEHOLDER_ALIASES:

@@ -5,7 +5,8 @@ Accepts SlideChat's released files as they are::
     {"id": "...", "image": ["TCGA-XX.csv"], "conversations": [{"from": "human", "value": "...\\n<image>"},
                                                             {"from": "gpt", "value": "..."}]}
 
-Slide features are found by file stem in ``features_dir`` (``<stem>.h5`` from our extractor, TRIDENT/CLAM,
+A record whose ``image`` lists several slides is a case: one conversation over all of them (each slide's tokens
+behind its marker, ``prompts.case_header``). Slide features are found by file stem in ``features_dir`` (``<stem>.h5`` from our extractor, TRIDENT/CLAM,
 or SlideChat's per-slide feature ``<stem>.csv``). Bad samples are skipped and counted by reason, never a
 crash: ``no_features``, ``empty_answer``, ``missing_image_tag``, ``too_long``, ``malformed``, and
 ``unreadable_features`` (a file that fails to load when first used in an epoch).
@@ -56,12 +57,19 @@ class SkipSample(Exception):
 
 @dataclass
 class TrainSample:
-    """One conversation about one slide; ``messages`` use roles user/assistant; the slide goes in the first user turn."""
+    """One conversation about one slide (or a case: ``slide_keys`` lists its slides in order); ``messages`` use
+    roles user/assistant; the slides go in the first user turn."""
 
     id: str
     slide_key: str
     messages: list[dict[str, str]]
     source: str = ""
+    slide_keys: list[str] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every slide of the sample, in order."""
+        return self.slide_keys or [self.slide_key]
 
 
 @dataclass
@@ -125,10 +133,11 @@ def llava_to_sample(record: dict, *, require_image_tag: bool = True, source: str
     """Convert one LLaVA/SlideInstruction record; raises SkipSample with the reason for a bad one."""
     rid = str(record.get("id", ""))
     image = record.get("image", record.get("slide"))
-    if isinstance(image, list):
-        image = image[0] if image else None
-    if not image or not isinstance(image, str):
+    images = image if isinstance(image, list) else [image]
+    if not images or not all(isinstance(i, str) and i for i in images):
         raise SkipSample("malformed", f"{rid}: no image/slide")
+    if len(set(images)) != len(images):
+        raise SkipSample("malformed", f"{rid}: a slide is listed twice in image")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise SkipSample("malformed", f"{rid}: no conversations")
@@ -161,7 +170,9 @@ def llava_to_sample(record: dict, *, require_image_tag: bool = True, source: str
         raise SkipSample("empty_answer", rid)
     if not messages[0]["content"]:
         messages[0]["content"] = CAPTION_PROMPTS[0]
-    return TrainSample(id=rid, slide_key=slide_key(image), messages=messages, source=source)
+    keys = [slide_key(i) for i in images]
+    return TrainSample(id=rid, slide_key=keys[0], messages=messages, source=source,
+                       slide_keys=keys if len(keys) > 1 else [])
 
 
 def _pick(options: tuple[str, ...], key: str) -> str:
@@ -217,7 +228,8 @@ def split_turns(sample: TrainSample) -> list[TrainSample]:
     msgs = sample.messages
     for j in range(0, len(msgs) - 1, 2):
         q, a = msgs[j], msgs[j + 1]
-        out.append(TrainSample(f"{sample.id}#{j // 2}", sample.slide_key, [dict(q), dict(a)], sample.source))
+        out.append(TrainSample(f"{sample.id}#{j // 2}", sample.slide_key, [dict(q), dict(a)], sample.source,
+                               list(sample.slide_keys)))
     return out
 
 
@@ -286,8 +298,9 @@ Tokenize = Callable[[list[dict[str, str]]], dict]
 class SlideConversationDataset(torch.utils.data.Dataset):
     """Tokenized samples with their slide features; bad samples are filtered (and counted) up front.
 
-    ``tokenize`` is the model's ``tokenize_conversation``; ``extra_tokens`` is how many positions the
-    slide placeholder grows into (K slide tokens minus the placeholder) so ``max_length`` is exact.
+    ``tokenize`` is the model's ``tokenize_conversation`` (called with ``num_slides=S`` for a case);
+    ``extra_tokens`` is how many positions each slide placeholder grows into (K slide tokens minus the
+    placeholder) so ``max_length`` is exact. A case's item holds a list of feature tensors.
     """
 
     def __init__(self, samples: Iterable[TrainSample], tokenize: Tokenize, resolver: FeatureResolver,
@@ -302,12 +315,12 @@ class SlideConversationDataset(torch.utils.data.Dataset):
         self.cache = feature_cache or FeatureCache()
         self.items: list[dict] = []
         for s in samples:
-            path = resolver.resolve(s.slide_key)
-            if path is None:
+            paths = [resolver.resolve(k) for k in s.keys]
+            if any(p is None for p in paths):
                 self.skips.add("no_features", s.id)
                 continue
             try:
-                tok = tokenize(s.messages)
+                tok = tokenize(s.messages) if len(paths) == 1 else tokenize(s.messages, num_slides=len(paths))
             except Exception as exc:  # noqa: BLE001 - a bad sample must never stop training
                 log.debug("tokenize failed for %s: %s", s.id, exc)
                 self.skips.add("malformed", s.id)
@@ -317,11 +330,12 @@ class SlideConversationDataset(torch.utils.data.Dataset):
             if int((labels != IGNORE_INDEX).sum()) == 0:
                 self.skips.add("empty_answer", s.id)
                 continue
-            if len(ids) + extra_tokens > max_length:
+            length = len(ids) + extra_tokens * len(paths)
+            if length > max_length:
                 self.skips.add("too_long", s.id)
                 continue
-            self.items.append({"id": s.id, "path": path, "key": s.slide_key, "input_ids": ids, "labels": labels,
-                               "length": len(ids) + extra_tokens})
+            self.items.append({"id": s.id, "paths": paths, "keys": s.keys, "input_ids": ids, "labels": labels,
+                               "length": length})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -335,27 +349,35 @@ class SlideConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         item = self.items[index]
-        try:
-            feats, coords = self.cache.get(item["path"])
-        except Exception as exc:  # noqa: BLE001
-            log.warning("skipping %s: cannot read features %s (%s)", item["id"], item["path"], exc)
-            self.skips.add("unreadable_features", item["id"])
-            return None
-        targets = self._targets(item, feats.shape[0])
-        if self.max_patches and feats.shape[0] > self.max_patches:
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            keep = torch.randperm(feats.shape[0], generator=g)[: self.max_patches].sort().values
-            feats = feats[keep]
-            coords = coords[keep] if coords is not None else None
-            targets = targets[keep] if targets is not None else None
+        slides = []
+        for j, (path, key) in enumerate(zip(item["paths"], item["keys"])):
+            try:
+                feats, coords = self.cache.get(path)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("skipping %s: cannot read features %s (%s)", item["id"], path, exc)
+                self.skips.add("unreadable_features", item["id"])
+                return None
+            targets = self._targets(key, feats.shape[0])
+            if self.max_patches and feats.shape[0] > self.max_patches:
+                salt = (self.seed, self.epoch, index) + ((j,) if j else ())  # slide 0 draws as a single slide does
+                g = torch.Generator().manual_seed(hash(salt) & 0x7FFFFFFF)
+                keep = torch.randperm(feats.shape[0], generator=g)[: self.max_patches].sort().values
+                feats = feats[keep]
+                coords = coords[keep] if coords is not None else None
+                targets = targets[keep] if targets is not None else None
+            slides.append((feats, coords, targets))
+        if len(slides) == 1:
+            feats, coords, targets = slides[0]
+        else:
+            feats, coords, targets = (list(x) for x in zip(*slides))
         return {"id": item["id"], "input_ids": item["input_ids"], "labels": item["labels"],
                 "slide_features": feats, "slide_coords": coords, "patch_targets": targets}
 
-    def _targets(self, item: dict, n: int) -> torch.Tensor | None:
+    def _targets(self, key: str, n: int) -> torch.Tensor | None:
         """Per-patch grounding targets from ``grounding_dir/<slide>.npy`` (None when absent or mismatched)."""
         if self.grounding_dir is None:
             return None
-        p = self.grounding_dir / f"{item['key']}.npy"
+        p = self.grounding_dir / f"{key}.npy"
         if not p.exists():
             return None
         t = torch.from_numpy(np.load(p).astype(np.float32)).flatten()

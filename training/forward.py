@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch.nn.functional as F
 
 from slidechat.model import IGNORE_INDEX
+from slidechat.model.assistant import flatten_cases, group_by_case
 from slidechat.model.llm import base_model
 from slidechat.training.grounding import grounding_loss, has_own_relevance
 
@@ -31,10 +32,11 @@ def _decoder_and_head(llm):
 def fast_forward(model, batch: dict, grounding_weight: float = 0.0, grounding_target: float = 0.5):
     """Loss of one batch (``.loss``; ``.lm_loss`` and ``.grounding_loss`` detached for logging)."""
     want_attn = grounding_weight > 0 and has_own_relevance(model) and batch.get("patch_targets")
-    encodings, proj = model.encode_features(batch["slide_features"], batch["slide_coords"],
-                                            output_attentions=bool(want_attn))
-    embeds, mask, labels = model.build_inputs_embeds(batch["input_ids"], proj.tokens, batch["attention_mask"],
-                                                     batch["labels"])
+    counts, feats, coords, targets = flatten_cases(batch["slide_features"], batch["slide_coords"],
+                                                   batch.get("patch_targets"))
+    encodings, proj = model.encode_features(feats, coords, output_attentions=bool(want_attn))
+    embeds, mask, labels = model.build_inputs_embeds(batch["input_ids"], group_by_case(proj.tokens, counts),
+                                                     batch["attention_mask"], batch["labels"])
     decoder, head = _decoder_and_head(model.llm)
     if decoder is None:
         lm_loss = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
@@ -47,7 +49,7 @@ def fast_forward(model, batch: dict, grounding_weight: float = 0.0, grounding_ta
     loss = lm_loss
     g = None
     if want_attn and proj.cross_attentions:
-        g = grounding_loss(model.projector.patch_relevance(encodings, proj), batch["patch_targets"], grounding_target)
+        g = grounding_loss(model.projector.patch_relevance(encodings, proj), targets, grounding_target)
         if g is not None:
             loss = loss + grounding_weight * g
     return SimpleNamespace(loss=loss, lm_loss=lm_loss.detach(), grounding_loss=None if g is None else g.detach())

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from slidechat.model.assistant import flatten_cases, group_by_case
+
 
 def has_own_relevance(model) -> bool:
     """Whether the projector's relevance comes from its own attention (so it can be trained without the LLM's)."""
@@ -39,13 +41,15 @@ def forward_with_grounding(model, batch: dict, weight: float, target_mass: float
 
     Returns the LLM output with ``.loss`` replaced by the sum and ``.grounding_loss`` attached.
     """
-    encodings, proj = model.encode_features(batch["slide_features"], batch["slide_coords"], output_attentions=True)
-    embeds, mask, labels = model.build_inputs_embeds(batch["input_ids"], proj.tokens, batch["attention_mask"],
-                                                     batch["labels"])
+    counts, feats, coords, targets = flatten_cases(batch["slide_features"], batch["slide_coords"],
+                                                   batch.get("patch_targets"))
+    encodings, proj = model.encode_features(feats, coords, output_attentions=True)
+    embeds, mask, labels = model.build_inputs_embeds(batch["input_ids"], group_by_case(proj.tokens, counts),
+                                                     batch["attention_mask"], batch["labels"])
     out = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
     g = None
     if proj.cross_attentions:
-        g = grounding_loss(model.projector.patch_relevance(encodings, proj), batch["patch_targets"], target_mass)
+        g = grounding_loss(model.projector.patch_relevance(encodings, proj), targets, target_mass)
     if g is not None:
         out.loss = out.loss + weight * g
     out.grounding_loss = None if g is None else g.detach()

@@ -68,16 +68,23 @@ def _param_groups(model, cfg) -> list[dict]:
     return [g for g in out if g["params"]]
 
 
+def _move(x, device: torch.device):
+    """A tensor, None, or a case's list of them, on ``device``."""
+    if isinstance(x, (list, tuple)):
+        return [_move(t, device) for t in x]
+    return None if x is None else x.to(device)
+
+
 def _to_device(batch: dict, device: torch.device, with_targets: bool = False) -> dict:
     out = {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": batch["attention_mask"].to(device),
         "labels": batch["labels"].to(device),
-        "slide_features": [f.to(device) for f in batch["slide_features"]],
-        "slide_coords": [c.to(device) if c is not None else None for c in batch["slide_coords"]],
+        "slide_features": [_move(f, device) for f in batch["slide_features"]],
+        "slide_coords": [_move(c, device) for c in batch["slide_coords"]],
     }
     if with_targets:
-        out["patch_targets"] = [t.to(device) if t is not None else None for t in batch.get("patch_targets", [])]
+        out["patch_targets"] = [_move(t, device) for t in batch.get("patch_targets", [])]
     return out
 
 

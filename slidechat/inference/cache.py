@@ -24,7 +24,7 @@ from slidechat.model.llm import eager_attention_view
 class InferenceCache:
     """Slide states (LRU), the patch encoder and the LLM's eager-attention view of one model."""
 
-    def __init__(self, max_slides: int = 4) -> None:
+    def __init__(self, max_slides: int = 8) -> None:
         self.max_slides = max_slides
         self._lock = threading.Lock()
         self._slides: OrderedDict[Hashable, Any] = OrderedDict()

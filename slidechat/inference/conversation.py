@@ -1,4 +1,7 @@
-"""Multi-turn chat about one slide with streaming and key/value reuse.
+"""Multi-turn chat about one slide, or a case of several, with streaming and key/value reuse.
+
+A case's slides each become their projected tokens behind a marker in the first turn (``prompts.case_header``);
+everything below holds for them together (the LLM sees S x T slide tokens).
 
 A ``Conversation`` keeps the LLM's past key/values (a transformers ``DynamicCache``) of every token already
 processed: system prompt, slide tokens, earlier questions and answers. A new turn renders the whole conversation
@@ -22,6 +25,7 @@ import torch
 
 from slidechat.errors import SlideChatError
 from slidechat.inference.cache import InferenceCache, resolve
+from slidechat.inference.case import Case, as_case
 from slidechat.inference.encode import EncodedSlide, as_encoded_slide
 from slidechat.inference.evidence import DEFAULT_K, EvidenceRegion, top_regions
 from slidechat.inference.region import parse_region, region_slide
@@ -88,28 +92,50 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Conversation:
-    """Chat about one slide: ``ask``, ``heatmap``, ``evidence``, ``messages``, ``reset``.
+    """Chat about one slide or a case: ``ask``, ``heatmap``, ``evidence``, ``messages``, ``reset``.
 
+    ``slide`` is one slide (an EncodedSlide, SlideFeatures, or a path), a list of them, or a ``Case``;
     ``assistant`` is a ``SlideChat`` or a bare ``SlideAssistant``; ``cache`` overrides the inference cache.
+    Per-slide methods take ``slide=i`` (0-based, in case order).
     """
 
     def __init__(self, assistant, slide, kv_reuse: bool = True, max_new_tokens: int = 256,
-                 cache: InferenceCache | None = None) -> None:
+                 cache: InferenceCache | None = None, labels=None) -> None:
         self.model, self.cache = resolve(assistant, cache)
         self.processor = self.model.processor
-        self.state = prepare_slide(self.model, slide, self.cache)
-        self.slide = self.state.slide
+        self.case: Case = as_case(slide, labels)
+        self.states = [prepare_slide(self.model, s, self.cache) for s in self.case.slides]
+        self.state = self.states[0]
+        self.slides = [st.slide for st in self.states]
+        self.slide = self.slides[0]
+        self._slide_tokens = (self.state.tokens if len(self.states) == 1
+                              else torch.cat([st.tokens for st in self.states], dim=0))
         self.kv_reuse = kv_reuse
         self.max_new_tokens = max_new_tokens
         self.messages: list[dict[str, str]] = []
         self._cache = None
         self._fed: list[int] = []  # the token ids whose key/values are in the cache (slide positions = -200)
         self._lock = threading.Lock()
-        self._regions: dict[tuple[int, int, int, int], Conversation] = {}
+        self._regions: dict[tuple[int, tuple[int, int, int, int]], Conversation] = {}
         # key/values of the prompt up to the end of the slide tokens, for attention maps (see heatmap)
         self.slide_prefix: tuple[tuple[int, ...], object] | None = None
         self.slide_prefix_lock = threading.Lock()
         self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
+
+    @property
+    def num_slides(self) -> int:
+        return len(self.states)
+
+    def slide_index(self, slide: int | None) -> int:
+        """``slide`` checked against the case (``None`` -> 0 for a single slide; required for a case)."""
+        if slide is None:
+            if self.num_slides > 1:
+                raise SlideChatError(f"this case has {self.num_slides} slides; say which one (slide=0.."
+                                     f"{self.num_slides - 1})")
+            return 0
+        if not isinstance(slide, int) or not 0 <= slide < self.num_slides:
+            raise SlideChatError(f"slide must be 0..{self.num_slides - 1} for this case, got {slide!r}")
+        return slide
 
     @property
     def assistant(self):
@@ -125,7 +151,7 @@ class Conversation:
 
     def ask(self, question: str, stream: bool = False, max_new_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-            seed: int | None = None, region=None) -> str | Iterator[str]:
+            seed: int | None = None, region=None, slide: int | None = None) -> str | Iterator[str]:
         """Ask a question. Returns the answer, or an iterator of text pieces when ``stream=True``.
 
         Greedy decoding by default (``temperature=0``); the answer is appended to ``messages`` when it is complete
@@ -133,34 +159,49 @@ class Conversation:
 
         ``region=(x, y, w, h)`` (level-0 pixels) answers from the patches inside that rectangle only (slide encoder
         + projector on that subset), in a conversation of its own per region (``region_conversation``): this
-        conversation's messages and key/value cache are not touched.
+        conversation's messages and key/value cache are not touched. In a case, ``slide=i`` says whose region.
         """
         if not isinstance(question, str) or not question.strip():
             raise SlideChatError("the question is empty; type a question about the slide")
         if region is not None:
-            return self.region_conversation(region).ask(question, stream, max_new_tokens, temperature, top_p,
+            return self.region_conversation(region, slide).ask(question, stream, max_new_tokens, temperature, top_p,
                                                         repetition_penalty, seed)
         gen = self._generate(question, max_new_tokens or self.max_new_tokens, temperature, top_p,
                              repetition_penalty, seed)
         return gen if stream else "".join(gen)
 
-    def heatmap(self, weighting: str = "uniform"):
-        """Per-patch relevance in [0, 1] with level-0 coords (see ``slidechat.inference.heatmap``)."""
+    def heatmap(self, weighting: str = "uniform", slide: int | None = None):
+        """Per-patch relevance in [0, 1] with level-0 coords of slide ``slide`` (see ``slidechat.inference.heatmap``)."""
         from slidechat.inference.heatmap import conversation_heatmap
 
-        return conversation_heatmap(self, weighting=weighting)
+        return conversation_heatmap(self, weighting=weighting, slide=self.slide_index(slide))
 
-    def evidence(self, k: int = DEFAULT_K, weighting: str = "llm") -> list[EvidenceRegion]:
-        """The ``k`` most attended non-overlapping regions (level-0 boxes + scores) of the heatmap."""
-        return top_regions(self.heatmap(weighting=weighting), k)
+    def evidence(self, k: int = DEFAULT_K, weighting: str = "llm", slide: int | None = None) -> list[EvidenceRegion]:
+        """The ``k`` most attended non-overlapping regions (level-0 boxes + scores) of the heatmap.
 
-    def region_conversation(self, region) -> "Conversation":
-        """The conversation about the patches inside ``region`` (created on first use, kept for follow-ups)."""
-        key = parse_region(region)
+        In a case, ``slide=None`` ranks the regions of every slide together (each slide's scores weighted by the
+        LLM's share of attention to that slide, ``weighting="llm"``); ``.slide`` says where each one is."""
+        if self.num_slides == 1 or slide is not None:
+            i = self.slide_index(slide)
+            return [r.on_slide(i) for r in top_regions(self.heatmap(weighting=weighting, slide=i), k)]
+        from slidechat.inference.heatmap import slide_attention_shares
+
+        shares = slide_attention_shares(self) if weighting == "llm" else [1.0] * self.num_slides
+        top = max(shares) or 1.0
+        pool = [r.on_slide(i, weight=shares[i] / top) for i in range(self.num_slides)
+                for r in top_regions(self.heatmap(weighting=weighting, slide=i), k)]
+        pool.sort(key=lambda r: -r.score)
+        return [r.ranked(n + 1) for n, r in enumerate(pool[:k])]
+
+    def region_conversation(self, region, slide: int | None = None) -> "Conversation":
+        """The conversation about the patches inside ``region`` of slide ``slide`` (created on first use, kept
+        for follow-ups)."""
+        i = self.slide_index(slide)
+        key = (i, parse_region(region))
         with self._lock:
             conv = self._regions.get(key)
         if conv is None:
-            conv = Conversation(self.model, region_slide(self.slide, key), kv_reuse=self.kv_reuse,
+            conv = Conversation(self.model, region_slide(self.slides[i], key[1]), kv_reuse=self.kv_reuse,
                                 max_new_tokens=self.max_new_tokens, cache=self.cache)
             with self._lock:
                 conv = self._regions.setdefault(key, conv)
@@ -168,13 +209,28 @@ class Conversation:
 
     # ------------------------------------------------------------------ internals
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat-templated ``messages`` + generation prompt, slide placeholder expanded to T ids."""
-        return self.processor.prompt_ids(messages, int(self.state.tokens.shape[0]))
+        """Token ids of the chat-templated ``messages`` + generation prompt, each slide placeholder expanded to
+        that slide's T ids."""
+        counts = [int(st.tokens.shape[0]) for st in self.states]
+        return self.processor.prompt_ids(messages, counts[0] if len(counts) == 1 else counts,
+                                         slide_labels=self.case.labels)
 
     def attended_ids(self) -> list[int]:
         """The token ids the LLM has read so far; before the first question, the prompt of a slide-only turn."""
         fed = list(self._fed)
         return fed if SLIDE_TOKEN_ID in fed else self.prompt_ids([{"role": "user", "content": ""}])
+
+    def slide_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """``(start, end)`` positions in ``ids`` of each slide's tokens."""
+        positions = np.flatnonzero(np.asarray(ids) == SLIDE_TOKEN_ID)
+        spans, at = [], 0
+        for st in self.states:
+            n = int(st.tokens.shape[0])
+            if at + n > len(positions):
+                raise SlideChatError("the prompt holds fewer slide tokens than the case's slides")
+            spans.append((int(positions[at]), int(positions[at + n - 1]) + 1))
+            at += n
+        return spans
 
     def _embed(self, ids: list[int], offset: int, full: list[int]) -> torch.Tensor:
         """Input embeddings of ``full[offset:offset+len(ids)]`` (slide positions take the slide tokens)."""
@@ -183,9 +239,10 @@ class Conversation:
         out = embed(t.clamp_min(0))
         slide_pos = (t == SLIDE_TOKEN_ID).nonzero().flatten()
         if slide_pos.numel():
-            start = full.index(SLIDE_TOKEN_ID)
-            idx = slide_pos + offset - start
-            out[slide_pos] = self.state.tokens.to(out.device, out.dtype)[idx]
+            # the j-th slide id of ``full`` is row j of the slides' tokens concatenated
+            before = int(np.count_nonzero(np.asarray(full[:offset], dtype=np.int64) == SLIDE_TOKEN_ID))
+            idx = torch.arange(before, before + slide_pos.numel(), device=out.device)
+            out[slide_pos] = self._slide_tokens.to(out.device, out.dtype)[idx]
         return out
 
     def _next_token(self, logits: torch.Tensor, generated: list[int], temperature: float, top_p: float,
@@ -262,4 +319,4 @@ class Conversation:
                     a.train(True)
 
 
-__all__ = ["Conversation", "SlideState", "prepare_slide"]
+__all__ = ["Conversation", "SlideState", "prepare_slide", "Case"]

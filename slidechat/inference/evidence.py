@@ -4,12 +4,12 @@ Regions are picked greedily: the highest-scoring patch not yet covered seeds a r
 when they score at least ``join`` x the seed's score; the region's box is the bounding box of its patches. Patches
 inside a chosen box are not picked again, and a box that would overlap an earlier one shrinks to its seed patch,
 so regions never overlap. Boxes are ``(x, y, w, h)`` in level-0 pixels (raster units when the features had no
-coords: ``Heatmap.has_coords`` False).
+coords: ``Heatmap.has_coords`` False). In a case, ``slide`` is the region's slide (0-based, in case order).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,23 @@ DEFAULT_K = 4
 @dataclass
 class EvidenceRegion:
     """One attended region: ``rank`` (1 = most attended), level-0 ``box`` (x, y, w, h), ``score`` (the seed
-    patch's heatmap score in [0, 1]), ``mean_score`` over its patches, ``patches`` (indices into the features)."""
+    patch's heatmap score in [0, 1]), ``mean_score`` over its patches, ``patches`` (indices into the features),
+    ``slide`` (which slide of a case)."""
 
     rank: int
     box: tuple[int, int, int, int]
     score: float
     mean_score: float
     patches: list[int] = field(default_factory=list)
+    slide: int = 0
+
+    def on_slide(self, slide: int, weight: float = 1.0) -> "EvidenceRegion":
+        """This region placed on ``slide``, its scores scaled by ``weight`` (a slide's share in a case ranking)."""
+        return replace(self, slide=slide, score=round(self.score * weight, 5),
+                       mean_score=round(self.mean_score * weight, 5))
+
+    def ranked(self, rank: int) -> "EvidenceRegion":
+        return replace(self, rank=rank)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,7 +9,8 @@ Linear baseline (no attention of its own): the LLM's attention to each patch tok
 patches not fed to the LLM score 0.
 
 The LLM's attention is the mean over layers, heads and the text tokens after the slide (the questions and answers
-so far; before the first question, the rest of a slide-only prompt). It is computed by an eager-attention view of
+so far; before the first question, the rest of a slide-only prompt); in a case, after the last slide, each slide's
+heatmap reading its own tokens' share. It is computed by an eager-attention view of
 the LLM that shares its weights (``InferenceCache.attention_view``): the shared model is never switched, so
 concurrent sessions are unaffected. Only the text after the slide is run through the view, on top of the slide
 prefix's key/values (computed once per conversation and cropped back after each call), so the attention matrix
@@ -48,11 +49,12 @@ class Heatmap:
 
 
 @torch.no_grad()
-def llm_attention_to_slide(conv) -> torch.Tensor:
-    """[T] mean attention (over layers, heads and the text tokens after the slide) of the LLM to each slide token."""
+def llm_attention_to_slides(conv) -> list[torch.Tensor]:
+    """Per slide, [T] mean attention (over layers, heads and the text tokens after the last slide) of the LLM to
+    each of its tokens."""
     ids = conv.attended_ids()
-    start = ids.index(SLIDE_TOKEN_ID)
-    end = start + int(conv.state.tokens.shape[0])
+    spans = conv.slide_spans(ids)
+    end = spans[-1][1]
     if end >= len(ids):
         raise SlideChatError("no text follows the slide, so the LLM's attention to it is undefined")
     embeds = conv._embed(ids, 0, ids)[None]
@@ -67,28 +69,42 @@ def llm_attention_to_slide(conv) -> torch.Tensor:
         out = view(inputs_embeds=embeds[:, end:], use_cache=True, output_attentions=True, logits_to_keep=1,
                    **{cache_kwarg(llm): past})
         conv.slide_prefix = (key, past) if crop_cache(past, past.get_seq_length() - end) else None
-    att = torch.stack([a[0, :, :, start:end].float().mean(dim=0) for a in out.attentions])  # [layers, text, T]
-    return att.mean(dim=(0, 1)).cpu()
+    att = torch.stack([a[0, :, :, :end].float().mean(dim=0) for a in out.attentions]).mean(dim=(0, 1)).cpu()
+    return [att[a:b] for a, b in spans]
 
 
-def conversation_heatmap(conv, weighting: str = "uniform") -> Heatmap:
-    """The heatmap of a conversation's slide (``weighting``: "uniform" over queries, or "llm")."""
+def llm_attention_to_slide(conv, slide: int = 0) -> torch.Tensor:
+    """[T] the LLM's mean attention to each token of slide ``slide`` (see ``llm_attention_to_slides``)."""
+    return llm_attention_to_slides(conv)[slide]
+
+
+def slide_attention_shares(conv) -> list[float]:
+    """How the LLM's attention to the case's slide tokens splits over its slides (sums to 1)."""
+    totals = [float(a.sum()) for a in llm_attention_to_slides(conv)]
+    total = sum(totals) or 1.0
+    return [t / total for t in totals]
+
+
+def conversation_heatmap(conv, weighting: str = "uniform", slide: int = 0) -> Heatmap:
+    """The heatmap of slide ``slide`` of a conversation (``weighting``: "uniform" over queries, or "llm")."""
     if weighting not in WEIGHTINGS:
         raise SlideChatError(f"heatmap weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    st = conv.state
+    st = conv.states[slide]
     enc = st.encoding
     projector = conv.model.projector
     weights = None
     if weighting == "llm" or projector.relevance_needs_token_weights:
-        weights = [llm_attention_to_slide(conv)]
+        weights = [llm_attention_to_slide(conv, slide)]
     with torch.no_grad():
         relevance = projector.patch_relevance([enc], st.output, weights)[0]
-    ps = conv.slide.patch_size_level0 or 1.0
+    ps = st.slide.patch_size_level0 or 1.0
     coords = enc.patch_coords.cpu().numpy()
     if not enc.has_coords:
         coords = coords * ps
-    return Heatmap(scores=normalize_scores(relevance.float().cpu().numpy()).astype(np.float32), coords=coords.round().astype(np.int64),
-                   patch_size_level0=float(ps), slide_id=conv.slide.slide_id, has_coords=enc.has_coords)
+    return Heatmap(scores=normalize_scores(relevance.float().cpu().numpy()).astype(np.float32),
+                   coords=coords.round().astype(np.int64), patch_size_level0=float(ps), slide_id=st.slide.slide_id,
+                   has_coords=enc.has_coords)
 
 
-__all__ = ["Heatmap", "conversation_heatmap", "llm_attention_to_slide", "WEIGHTINGS"]
+__all__ = ["Heatmap", "conversation_heatmap", "llm_attention_to_slide", "llm_attention_to_slides",
+           "slide_attention_shares", "WEIGHTINGS"]

@@ -34,11 +34,13 @@ class SlideChat:
                             sha256=sha256)
 
     def chat(self, slide, **kwargs) -> Conversation:
-        """A multi-turn ``Conversation`` about ``slide`` (an EncodedSlide, SlideFeatures, or a path)."""
+        """A multi-turn ``Conversation`` about ``slide`` (an EncodedSlide, SlideFeatures, or a path), or about a
+        case: a list of slides or a ``Case`` (``labels=[...]`` names its slides)."""
         return Conversation(self.model, slide, cache=self.cache, **kwargs)
 
     def report(self, slide, **kwargs) -> Report:
-        """A structured report (``.fields``, ``.text``, ``.evidence``, ``.to_markdown()``) from targeted questions."""
+        """A structured report (``.fields``, ``.text``, ``.evidence``, ``.to_markdown()``) from targeted questions,
+        about one slide or a case."""
         return generate_report(self.model, slide, cache=self.cache, **kwargs)
 
     def prepare(self, slide):

@@ -2,7 +2,8 @@
 
 The text side (tokenizer, chat template, the ``<slide>`` placeholder that becomes ``SLIDE_TOKEN_ID``) is the
 model's ``processor`` (``slidechat.model.processor.SlideChatProcessor``); ``build_inputs_embeds`` replaces each
-``SLIDE_TOKEN_ID`` by the slide's projected tokens. No token is added to the LLM's vocabulary, so a frozen LLM stays
+``SLIDE_TOKEN_ID`` by the slide's projected tokens (a case of several slides: one placeholder per slide, filled in
+order). No token is added to the LLM's vocabulary, so a frozen LLM stays
 untouched. Inference (encoding slide files, conversations, heatmaps, reports) lives in ``slidechat.inference`` and
 uses this class; this class knows nothing about it.
 
@@ -49,6 +50,30 @@ PATCH_ENCODER_WEIGHTS_NAME = "patch_encoder.safetensors"
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def flatten_cases(slide_features: Sequence, *per_slide: Sequence | None) -> tuple:
+    """``(counts, flat features, flat others...)`` from per-conversation slides (a tensor, or a list for a case);
+    ``per_slide`` (coords, targets, ...) are nested like the features (``None`` stays ``None``)."""
+    single = [not isinstance(f, (list, tuple)) for f in slide_features]
+
+    def flat(rows):
+        return [t for r, one in zip(rows, single) for t in ([r] if one else r)]
+
+    counts = [1 if one else len(f) for f, one in zip(slide_features, single)]
+    return (counts, flat(slide_features), *(None if o is None else flat(o) for o in per_slide))
+
+
+def group_by_case(tokens: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor | list[torch.Tensor]]:
+    """Per-slide projected tokens regrouped per conversation: ``counts[b]`` slides for row b (1 -> the tensor)."""
+    if sum(counts) != len(tokens):
+        raise DataError(f"{len(tokens)} projected slides for conversations holding {sum(counts)}")
+    out: list[torch.Tensor | list[torch.Tensor]] = []
+    i = 0
+    for n in counts:
+        out.append(tokens[i] if n == 1 else list(tokens[i:i + n]))
+        i += n
+    return out
 
 
 class SlideAssistant(nn.Module):
@@ -108,14 +133,19 @@ class SlideAssistant(nn.Module):
 
     # ------------------------------------------------------------------ text side
     def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                              with_slide: bool = True) -> dict[str, torch.Tensor]:
+                              with_slide: bool = True, num_slides: int = 1,
+                              slide_labels: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
         """``processor.tokenize_conversation`` (the training data's hook)."""
-        return self.processor.tokenize_conversation(messages, add_generation_prompt, with_slide)
+        return self.processor.tokenize_conversation(messages, add_generation_prompt, with_slide, num_slides,
+                                                    slide_labels)
 
-    def build_inputs_embeds(self, input_ids: torch.Tensor, slide_tokens: Sequence[torch.Tensor],
+    def build_inputs_embeds(self, input_ids: torch.Tensor, slide_tokens: Sequence[torch.Tensor | Sequence[torch.Tensor]],
                             attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Replace each row's ``SLIDE_TOKEN_ID`` with that row's slide tokens; right-pad. Returns (embeds, mask, labels)."""
+        """Replace the i-th ``SLIDE_TOKEN_ID`` of each row with its i-th slide's tokens; right-pad.
+
+        ``slide_tokens[b]`` is row b's slide tokens ([T, H]) or, for a case, a list of them in placeholder order
+        (see ``group_by_case``). Returns (embeds, mask, labels)."""
         embed = self.llm.get_input_embeddings()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -124,16 +154,24 @@ class SlideAssistant(nn.Module):
             ids = input_ids[b]
             tok_emb = embed(ids.clamp_min(0).to(embed.weight.device))
             where = (ids == SLIDE_TOKEN_ID).nonzero().flatten().tolist()
-            if len(where) > 1:
-                raise DataError("a conversation may hold only one <slide> placeholder")
             m, lab = attention_mask[b].to(tok_emb.device), None if labels is None else labels[b].to(tok_emb.device)
             if where:
-                p = where[0]
-                st = slide_tokens[b].to(tok_emb.dtype)
-                tok_emb = torch.cat([tok_emb[:p], st, tok_emb[p + 1 :]], dim=0)
-                m = torch.cat([m[:p], m.new_ones(st.shape[0]), m[p + 1 :]])
+                row = slide_tokens[b]
+                row = [row] if isinstance(row, torch.Tensor) else list(row)
+                if len(row) != len(where):
+                    raise DataError(f"a conversation holds {len(where)} <slide> placeholders but {len(row)} slides")
+                parts_e, parts_m, parts_l, prev = [], [], [], 0
+                for p, st in zip(where, row):
+                    st = st.to(tok_emb.dtype)
+                    parts_e += [tok_emb[prev:p], st]
+                    parts_m += [m[prev:p], m.new_ones(st.shape[0])]
+                    if lab is not None:
+                        parts_l += [lab[prev:p], lab.new_full((st.shape[0],), IGNORE_INDEX)]
+                    prev = p + 1
+                tok_emb = torch.cat(parts_e + [tok_emb[prev:]], dim=0)
+                m = torch.cat(parts_m + [m[prev:]])
                 if lab is not None:
-                    lab = torch.cat([lab[:p], lab.new_full((st.shape[0],), IGNORE_INDEX), lab[p + 1 :]])
+                    lab = torch.cat(parts_l + [lab[prev:]])
             rows_e.append(tok_emb)
             rows_m.append(m)
             rows_l.append(lab)
@@ -149,7 +187,9 @@ class SlideAssistant(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, slide_features: Sequence[torch.Tensor] | None = None,
                 slide_coords: Sequence[torch.Tensor | None] | None = None, **llm_kwargs):
-        """Training/eval forward: the LLM output (``.loss`` when labels are given, ``.logits``)."""
+        """Training/eval forward: the LLM output (``.loss`` when labels are given, ``.logits``).
+
+        ``slide_features[b]`` is row b's slide ([N, D]) or its case's slides (a list); ``slide_coords`` alike."""
         if slide_features is None:
             if (input_ids == SLIDE_TOKEN_ID).any():
                 raise DataError("input_ids hold a <slide> placeholder but no slide_features were given")
@@ -157,8 +197,9 @@ class SlideAssistant(nn.Module):
         else:
             if len(slide_features) != input_ids.shape[0]:
                 raise DataError(f"{len(slide_features)} slides for a batch of {input_ids.shape[0]} conversations")
-            _, proj = self.encode_features(slide_features, slide_coords)
-            slide_tokens = proj.tokens
+            counts, flat_f, flat_c = flatten_cases(slide_features, slide_coords)
+            _, proj = self.encode_features(flat_f, flat_c)
+            slide_tokens = group_by_case(proj.tokens, counts)
         embeds, mask, labels = self.build_inputs_embeds(input_ids, slide_tokens, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, **llm_kwargs)
 
@@ -254,5 +295,5 @@ class SlideAssistant(nn.Module):
             raise CheckpointError(f"{source} does not match the model in config.json: {str(exc)[:500]}") from exc
 
 
-__all__ = ["SlideAssistant", "default_device", "normalise_messages", "SLIDE_TOKEN_ID", "IGNORE_INDEX", "WEIGHTS_NAME",
+__all__ = ["SlideAssistant", "default_device", "group_by_case", "flatten_cases", "normalise_messages", "SLIDE_TOKEN_ID", "IGNORE_INDEX", "WEIGHTS_NAME",
            "CONFIG_NAME", "PATCH_ENCODER_WEIGHTS_NAME"]

@@ -3,7 +3,8 @@
 The LLM's own chat template is used as is. The first user turn carries a ``<slide>`` placeholder (``<image>`` is
 accepted too); after tokenisation it is a single id ``SLIDE_TOKEN_ID`` (-200, the LLaVA convention) that the model
 replaces by the slide's projected tokens. No token is added to the LLM's vocabulary, so a frozen LLM stays
-untouched. Training uses ``tokenize_conversation`` (labels masked with ``IGNORE_INDEX``); inference uses
+untouched. A case of several slides puts one marked placeholder per slide in that turn (``prompts.case_header``).
+Training uses ``tokenize_conversation`` (labels masked with ``IGNORE_INDEX``); inference uses
 ``prompt_ids`` (placeholder expanded to one id per slide token) and ``stop_token_ids``.
 """
 
@@ -23,9 +24,17 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>")
 
 
-def normalise_messages(messages: Sequence[dict[str, Any]], with_slide: bool = True) -> list[dict[str, str]]:
-    """Accept ``{"role","content"}`` or LLaVA ``{"from","value"}`` turns; put one ``<slide>`` in the first user turn
-    (inserted at its start if missing when ``with_slide``) and drop placeholders from every other turn."""
+def normalise_messages(messages: Sequence[dict[str, Any]], with_slide: bool = True, num_slides: int = 1,
+                       slide_labels: Sequence[str | None] | None = None) -> list[dict[str, str]]:
+    """Accept ``{"role","content"}`` or LLaVA ``{"from","value"}`` turns; the first user turn carries the slides'
+    placeholders and every other turn none.
+
+    One slide: one ``<slide>`` (inserted at the start when missing). A case of ``num_slides`` slides: the turn's
+    placeholders are kept when there are exactly ``num_slides`` of them (the data placed them), otherwise they are
+    replaced by ``prompts.case_header`` (one marked line per slide, ``slide_labels`` naming them) at the turn's start.
+    """
+    if num_slides < 1:
+        raise DataError(f"a conversation needs at least one slide, got {num_slides}")
     out: list[dict[str, str]] = []
     seen_slide = False
     for m in messages:
@@ -36,15 +45,33 @@ def normalise_messages(messages: Sequence[dict[str, Any]], with_slide: bool = Tr
         role = ROLE_ALIASES[role]
         content = prompts.normalise_placeholder(content)
         if role == "user" and not seen_slide and with_slide:
-            if prompts.SLIDE_PLACEHOLDER not in content:
-                content = prompts.SLIDE_PLACEHOLDER + "\n" + content
-            head, _, tail = content.partition(prompts.SLIDE_PLACEHOLDER)
-            content = head + prompts.SLIDE_PLACEHOLDER + tail.replace(prompts.SLIDE_PLACEHOLDER, "")
+            content = _place_slides(content, num_slides, slide_labels)
             seen_slide = True
         elif prompts.SLIDE_PLACEHOLDER in content:
             content = content.replace(prompts.SLIDE_PLACEHOLDER, "").strip()
         out.append({"role": role, "content": content})
     return out
+
+
+def _place_slides(content: str, num_slides: int, slide_labels) -> str:
+    found = content.count(prompts.SLIDE_PLACEHOLDER)
+    if num_slides == 1:
+        if not found:
+            return prompts.SLIDE_PLACEHOLDER + "\n" + content
+        head, _, tail = content.partition(prompts.SLIDE_PLACEHOLDER)
+        return head + prompts.SLIDE_PLACEHOLDER + tail.replace(prompts.SLIDE_PLACEHOLDER, "")
+    if found == num_slides:
+        return content
+    text = content.replace(prompts.SLIDE_PLACEHOLDER, "").strip()
+    return prompts.case_header(num_slides, slide_labels) + "\n" + text
+
+
+def slide_token_counts(num_slide_tokens: int | Sequence[int]) -> list[int]:
+    """Tokens per slide as a list (an int means one slide)."""
+    counts = [int(num_slide_tokens)] if isinstance(num_slide_tokens, int) else [int(n) for n in num_slide_tokens]
+    if not counts or min(counts) < 1:
+        raise DataError(f"every slide needs at least one token, got {counts}")
+    return counts
 
 
 class SlideChatProcessor:
@@ -76,20 +103,28 @@ class SlideChatProcessor:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def prompt_ids(self, messages: Sequence[dict[str, Any]], num_slide_tokens: int) -> list[int]:
-        """Ids of the chat-templated ``messages`` + generation prompt, the placeholder expanded to
-        ``num_slide_tokens`` copies of ``SLIDE_TOKEN_ID`` (one per projected slide token)."""
-        ids = self.encode_text(self.render(normalise_messages(messages), add_generation_prompt=True))
-        if SLIDE_TOKEN_ID in ids:
-            p = ids.index(SLIDE_TOKEN_ID)
-            ids = ids[:p] + [SLIDE_TOKEN_ID] * num_slide_tokens + ids[p + 1 :]
-        return ids
+    def prompt_ids(self, messages: Sequence[dict[str, Any]], num_slide_tokens: int | Sequence[int],
+                   slide_labels: Sequence[str | None] | None = None) -> list[int]:
+        """Ids of the chat-templated ``messages`` + generation prompt, the i-th slide placeholder expanded to
+        ``num_slide_tokens[i]`` copies of ``SLIDE_TOKEN_ID`` (an int: one slide). The j-th ``SLIDE_TOKEN_ID`` of the
+        result stands for row j of the slides' projected tokens concatenated in order."""
+        counts = slide_token_counts(num_slide_tokens)
+        ids = self.encode_text(self.render(normalise_messages(messages, num_slides=len(counts),
+                                                              slide_labels=slide_labels),
+                                           add_generation_prompt=True))
+        out: list[int] = []
+        slots = iter(counts)
+        for t in ids:
+            out.extend([SLIDE_TOKEN_ID] * next(slots) if t == SLIDE_TOKEN_ID else [t])
+        return out
 
     def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                              with_slide: bool = True) -> dict[str, torch.Tensor]:
-        """Chat-template a conversation into ``input_ids`` (1-D, one ``SLIDE_TOKEN_ID`` for the slide) and ``labels``
+                              with_slide: bool = True, num_slides: int = 1,
+                              slide_labels: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Chat-template a conversation into ``input_ids`` (1-D, one ``SLIDE_TOKEN_ID`` per slide) and ``labels``
         (``IGNORE_INDEX`` everywhere except the assistant turns' tokens, their end-of-turn token included)."""
-        msgs = normalise_messages(messages, with_slide=with_slide)
+        msgs = normalise_messages(messages, with_slide=with_slide, num_slides=num_slides,
+                                  slide_labels=slide_labels)
         full = self.render(msgs, add_generation_prompt=add_generation_prompt)
         spans: list[tuple[int, int]] = []
         for i, m in enumerate(msgs):
@@ -125,4 +160,4 @@ class SlideChatProcessor:
         return self._stop_ids
 
 
-__all__ = ["SlideChatProcessor", "normalise_messages", "SLIDE_TOKEN_ID", "IGNORE_INDEX", "ROLE_ALIASES"]
+__all__ = ["SlideChatProcessor", "normalise_messages", "slide_token_counts", "SLIDE_TOKEN_ID", "IGNORE_INDEX", "ROLE_ALIASES"]
