@@ -1,45 +1,35 @@
-"""Patch encoders behind one interface: ``load_encoder(name, weights=None, device="cpu") -> PatchEncoder``.
+"""Patch encoders behind one interface, through a registry (as timm / open_clip / TRIDENT do).
 
-Names: ``demo-cnn``, ``timm:<arch>``, ``open_clip:<arch>``, ``uni``, ``conch``. Weights always come from a
-local path; nothing is downloaded.
+``create_encoder(name, weights=None, device="cpu") -> PatchEncoder`` (``load_encoder`` is the same call),
+``list_encoders()`` for the names, ``register_encoder(name, factory, ...)`` (also a decorator) to add one.
+Built-ins: ``demo-cnn``, ``uni``, ``uni2-h``, ``gigapath``, ``conch``, ``timm:<arch>``, ``open_clip:<arch>``.
+Weights always come from a local path; nothing is downloaded. Importing this package does not import torch.
 """
 
 from __future__ import annotations
 
-import os
+from slidechat.encoders import builtin as _builtin  # noqa: F401  (registers the built-in encoders)
+from slidechat.encoders.registry import (
+    EncoderSpec,
+    create_encoder,
+    describe_encoders,
+    encoder_spec,
+    list_encoders,
+    register_encoder,
+    unregister_encoder,
+)
 
-from slidechat.encoders.base import PatchEncoder
-from slidechat.errors import ConfigError
-
-ENCODER_NAMES = ("demo-cnn", "timm:<arch>", "open_clip:<arch>", "uni", "conch")
-
-
-def load_encoder(name: str, weights: str | os.PathLike | None = None, device: str = "cpu") -> PatchEncoder:
-    """Build the patch encoder ``name`` with local ``weights`` on ``device``."""
-    if name == "demo-cnn":
-        from slidechat.encoders.demo_cnn import load_demo_cnn
-
-        model = load_demo_cnn(weights)
-        cfg = model.config
-        return PatchEncoder(name="demo-cnn", model=model, embed_dim=cfg.embed_dim, input_size=cfg.input_size,
-                            mean=cfg.mean, std=cfg.std, device=device)
-    if name.startswith("timm:"):
-        from slidechat.encoders.timm_encoder import load_timm_encoder
-
-        return load_timm_encoder(name.split(":", 1)[1], weights, device)
-    if name == "uni":
-        from slidechat.encoders.timm_encoder import load_uni
-
-        return load_uni(weights, device)
-    if name.startswith("open_clip:"):
-        from slidechat.encoders.open_clip_encoder import load_open_clip_encoder
-
-        return load_open_clip_encoder(name.split(":", 1)[1], weights, device)
-    if name == "conch":
-        from slidechat.encoders.open_clip_encoder import load_conch
-
-        return load_conch(weights, device)
-    raise ConfigError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_NAMES)}")
+load_encoder = create_encoder
+ENCODER_NAMES = tuple(list_encoders())  # the built-ins; list_encoders() also has later registrations
 
 
-__all__ = ["PatchEncoder", "load_encoder", "ENCODER_NAMES"]
+def __getattr__(name: str):
+    if name == "PatchEncoder":  # lazily: it needs torch
+        from slidechat.encoders.base import PatchEncoder
+
+        return PatchEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["PatchEncoder", "EncoderSpec", "create_encoder", "load_encoder", "list_encoders", "register_encoder",
+           "unregister_encoder", "encoder_spec", "describe_encoders", "ENCODER_NAMES"]

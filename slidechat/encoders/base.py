@@ -28,6 +28,7 @@ class PatchEncoder:
     std: tuple[float, float, float] = IMAGENET_STD
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    mpp: float | None = None  # µm/px the encoder expects its patches at (None: unknown)
 
     def __post_init__(self) -> None:
         self.model = self.model.to(self.device).eval()

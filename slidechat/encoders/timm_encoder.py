@@ -1,4 +1,4 @@
-"""timm models (any architecture, and UNI-style ViT-L/16) from local weights."""
+"""timm models (any architecture; UNI, UNI2-h and Prov-GigaPath layouts) from local weights."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ log = logging.getLogger(__name__)
 
 UNI_ARCH = "vit_large_patch16_224"
 UNI_ARGS = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}
+UNI2_ARCH = "vit_giant_patch14_224"
+UNI2_ARGS = {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
+             "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True}
+GIGAPATH_ARCH = "vit_giant_patch14_dinov2"
+GIGAPATH_ARGS = {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                 "init_values": 1e-5, "mlp_ratio": 5.33334}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.bin")
 HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.")
 
@@ -114,3 +120,20 @@ def load_timm_encoder(
 def load_uni(weights: str | os.PathLike | None, device: str = "cpu") -> PatchEncoder:
     """UNI-style ViT-L/16 (timm ``vit_large_patch16_224``, init_values 1e-5) from local weights."""
     return load_timm_encoder(UNI_ARCH, weights, device, name="uni", model_args=UNI_ARGS, require_weights=True)
+
+
+def load_uni2(weights: str | os.PathLike | None, device: str = "cpu") -> PatchEncoder:
+    """UNI2-h (timm ``vit_giant_patch14_224`` with SwiGLU MLPs and 8 register tokens) from local weights.
+
+    Its MLP and activation layers are classes, so they are given here rather than read from config.json.
+    """
+    import timm
+
+    args = {**UNI2_ARGS, "mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
+    return load_timm_encoder(UNI2_ARCH, weights, device, name="uni2-h", model_args=args, require_weights=True)
+
+
+def load_gigapath(weights: str | os.PathLike | None, device: str = "cpu") -> PatchEncoder:
+    """Prov-GigaPath tile encoder (timm ``vit_giant_patch14_dinov2``, patch 16) from local weights."""
+    return load_timm_encoder(GIGAPATH_ARCH, weights, device, name="gigapath", model_args=GIGAPATH_ARGS,
+                             require_weights=True)

@@ -11,9 +11,11 @@ from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from slidechat.encoders import list_encoders
+
     parser.add_argument("slides", nargs="+", help="slide files, folders, globs, or CSVs with a slide_path column")
     parser.add_argument("--encoder", default="demo-cnn",
-                        help="demo-cnn | timm:<arch> | open_clip:<arch> | uni | conch (default demo-cnn)")
+                        help=f"a registered encoder: {', '.join(list_encoders())} (default demo-cnn)")
     parser.add_argument("--weights", default=None, help="local weights file or folder for the encoder")
     parser.add_argument("--out", required=True, help="output folder for <slide_id>.h5 files")
     add_extraction_arguments(parser)

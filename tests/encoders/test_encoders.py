@@ -158,3 +158,113 @@ def test_open_clip_clip_from_local_dir(tmp_path):
 def test_unknown_encoder():
     with pytest.raises(ConfigError, match="unknown encoder"):
         load_encoder("resnet-9000")
+
+
+def test_registry_lists_builtins_with_metadata_matching_the_model():
+    from slidechat.encoders import encoder_spec, list_encoders
+
+    names = list_encoders()
+    for name in ("demo-cnn", "uni", "uni2-h", "gigapath", "conch", "timm:<arch>", "open_clip:<arch>"):
+        assert name in names
+    spec = encoder_spec("demo-cnn")
+    enc = load_encoder("demo-cnn")
+    assert (spec.embed_dim, spec.input_size, spec.mean, spec.std) == (enc.embed_dim, enc.input_size, enc.mean, enc.std)
+    assert enc.mpp == spec.mpp == 0.5
+    assert encoder_spec("timm:resnet18").name == "timm:<arch>"
+    assert (encoder_spec("uni").embed_dim, encoder_spec("conch").input_size) == (1024, 448)
+
+
+def test_register_encoder_decorator_family_and_errors():
+    from slidechat.encoders import create_encoder, list_encoders, register_encoder, unregister_encoder
+    from slidechat.encoders.base import PatchEncoder
+
+    calls = []
+
+    @register_encoder("test-linear", embed_dim=5, input_size=16, mpp=1.0, weights="optional")
+    def build(weights=None, device="cpu", scale=1.0):
+        calls.append((weights, scale))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+        return PatchEncoder(name="test-linear", model=model, embed_dim=5, input_size=16)
+
+    @register_encoder("testfam:<arch>")
+    def build_family(weights=None, device="cpu", arch=""):
+        return PatchEncoder(name=f"testfam:{arch}", model=torch.nn.Flatten(), embed_dim=3 * int(arch) ** 2,
+                            input_size=int(arch))
+
+    try:
+        assert {"test-linear", "testfam:<arch>"} <= set(list_encoders())
+        enc = create_encoder("test-linear", weights="w.bin", scale=2.0)
+        assert calls == [("w.bin", 2.0)] and enc.mpp == 1.0
+        assert enc(enc.transform_batch(_patches(2, 40))).shape == (2, 5)
+        fam = create_encoder("testfam:16")
+        assert (fam.name, fam.input_size) == ("testfam:16", 16)
+        assert fam(fam.transform_batch(_patches(1, 16))).shape == (1, fam.embed_dim)
+        with pytest.raises(ValueError, match="already registered"):
+            register_encoder("test-linear", build)
+        with pytest.raises(ConfigError, match="test-linear"):  # the error lists what is registered
+            create_encoder("test-linaer")
+        with pytest.raises(ConfigError, match="needs an architecture"):
+            create_encoder("testfam:")
+    finally:
+        unregister_encoder("test-linear")
+        unregister_encoder("testfam:<arch>")
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        create_encoder("test-linear")
+
+
+@pytest.mark.parametrize("name", ["uni", "uni2-h", "gigapath", "conch"])
+def test_pathology_encoders_require_local_weights(name, tmp_path):
+    with pytest.raises(CheckpointError, match="--weights"):
+        load_encoder(name)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_encoder(name, tmp_path / "missing")
+
+
+def _save_timm_folder(folder, arch, args, model_args_json, seed=0):
+    """A random-weights model saved as a HF/timm folder (config.json + model.safetensors)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    ref = timm.create_model(arch, pretrained=False, num_classes=0, **args).eval()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": arch, "model_args": model_args_json}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "model.safetensors"))
+    return ref
+
+
+def test_uni2_and_gigapath_layouts_from_local_folders(tmp_path):
+    """The real layer types of UNI2-h (SwiGLU, register tokens) and GigaPath (DINOv2 ViT, patch 16) at toy size."""
+    import timm
+
+    from slidechat.encoders.timm_encoder import GIGAPATH_ARCH, GIGAPATH_ARGS, UNI2_ARCH, UNI2_ARGS
+
+    small = {"img_size": 56, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    uni2_args = {**UNI2_ARGS, **small, "mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}
+    ref = _save_timm_folder(tmp_path / "uni2", UNI2_ARCH, uni2_args, small)
+    enc = load_encoder("uni2-h", tmp_path / "uni2")
+    assert (enc.name, enc.embed_dim, enc.input_size) == ("uni2-h", 48, 56)
+    x = enc.transform_batch(_patches(2, 224))
+    with torch.inference_mode():
+        assert torch.allclose(enc(x), ref(x), atol=1e-4)
+
+    small = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    ref = _save_timm_folder(tmp_path / "giga", GIGAPATH_ARCH, {**GIGAPATH_ARGS, **small}, small, seed=1)
+    enc = load_encoder("gigapath", tmp_path / "giga")
+    assert (enc.name, enc.embed_dim, enc.input_size, enc.mpp) == ("gigapath", 32, 32, 0.5)
+    x = enc.transform_batch(_patches(2, 32))
+    with torch.inference_mode():
+        assert torch.allclose(enc(x), ref(x), atol=1e-4)
+    # UNI2-h weights into the GigaPath architecture: a clear error
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_encoder("gigapath", tmp_path / "uni2" / "model.safetensors")
+
+
+def test_importing_the_registry_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, slidechat.encoders as e; e.list_encoders(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
