@@ -9,11 +9,15 @@ Layout of ``<output_dir>/checkpoints/step-000123/`` (written to a temp folder, t
 
 Under DeepSpeed or FSDP the model/optimizer shards are saved with ``accelerator.save_state`` instead
 (into ``accelerate_state/``); the JSON state and RNG files are the same.
+
+A finished model folder also gets the statistics of the patch features it was trained on
+(:func:`write_feature_stats`; ``slidechat.model.feature_stats``), for the out-of-distribution warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -22,9 +26,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from slidechat.errors import CheckpointError
+from slidechat.errors import CheckpointError, SlideChatError
 
 STATE_FILE = "trainer_state.json"
+FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+log = logging.getLogger("training")
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -120,3 +127,22 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
         return
     for p in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def write_feature_stats(model_dir: str | Path, features_dir: str | Path, **kwargs) -> Path | None:
+    """Write the training features' statistics (``feature_stats.*``) into the model folder ``model_dir``.
+
+    ``features_dir`` holds the training slides' feature files; ``kwargs`` go to ``compute_feature_stats``.
+    Too few or unreadable feature files leave the folder without statistics (a warning, not a failed run)."""
+    from slidechat.model.feature_stats import stats_from_feature_files
+
+    files = sorted(p for p in Path(features_dir).glob("*") if p.suffix.lower() in FEATURE_SUFFIXES)
+    try:
+        stats = stats_from_feature_files(files, **kwargs)
+    except SlideChatError as exc:
+        log.warning("no feature statistics for %s (no out-of-distribution warning): %s", model_dir, exc)
+        return None
+    stats.save(model_dir)
+    log.info("feature statistics of %d training slides in %s (OOD threshold %.2f)", stats.calibration["slides"],
+             model_dir, stats.threshold)
+    return Path(model_dir)

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +35,12 @@ class EncodedSlide:
     features: "object"  # slidechat.features.store.SlideFeatures
     h5_path: Path | None
     source_path: Path | None
+    ood: Any = None  # slidechat.inference.ood.OODResult; None when the checkpoint has no feature statistics
+
+    @property
+    def ood_score(self) -> float | None:
+        """How unlike the training slides this slide is (``ood.score``), or None."""
+        return None if self.ood is None else float(self.ood.score)
 
     @property
     def num_patches(self) -> int:
@@ -93,8 +99,9 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
     if path.suffix.lower() in FEATURE_SUFFIXES:
         feats = load_features(path)
         sha = str(feats.attrs.get("slide_sha256") or sha256_file(path))
-        return EncodedSlide(slide_id=feats.slide_id or path.stem, sha256=sha, features=feats,
-                            h5_path=path if path.suffix.lower() != ".csv" else None, source_path=path)
+        return _with_ood(assistant, EncodedSlide(slide_id=feats.slide_id or path.stem, sha256=sha, features=feats,
+                                                 h5_path=path if path.suffix.lower() != ".csv" else None,
+                                                 source_path=path))
     sha = sha256 or sha256_file(path)
     out = Path(cache_dir).expanduser() if cache_dir else default_feature_cache()
     model, cache = resolve(assistant, cache)
@@ -113,7 +120,16 @@ def encode_slide(assistant, path_or_h5, *, mpp: float | None = None, progress: C
         config = ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, mpp=mpp)
         extract_slide(path, load_patch_encoder(model, cache), h5, config, sha256=sha, progress=progress)
         feats = load_features(h5)
-    return EncodedSlide(slide_id=path.stem, sha256=sha, features=feats, h5_path=h5, source_path=path)
+    return _with_ood(assistant, EncodedSlide(slide_id=path.stem, sha256=sha, features=feats, h5_path=h5,
+                                             source_path=path))
+
+
+def _with_ood(assistant, slide: EncodedSlide) -> EncodedSlide:
+    """``slide`` with its out-of-distribution result, when the checkpoint has feature statistics."""
+    from slidechat.inference.ood import ood_check
+
+    slide.ood = ood_check(assistant, slide)
+    return slide
 
 
 def as_encoded_slide(assistant, slide, cache: InferenceCache | None = None) -> EncodedSlide:
@@ -128,6 +144,7 @@ def as_encoded_slide(assistant, slide, cache: InferenceCache | None = None) -> E
             if slide.coords is not None:
                 h.update(np.ascontiguousarray(slide.coords).tobytes())
             sha = "features-" + h.hexdigest()
-        return EncodedSlide(slide_id=sid, sha256=sha, features=slide, h5_path=getattr(slide, "path", None),
-                            source_path=getattr(slide, "path", None))
+        return _with_ood(assistant, EncodedSlide(slide_id=sid, sha256=sha, features=slide,
+                                                 h5_path=getattr(slide, "path", None),
+                                                 source_path=getattr(slide, "path", None)))
     return encode_slide(assistant, slide, cache=cache)
