@@ -4,6 +4,10 @@ SynthSlide folder (``slidechat synth`` / ``slidechat.synth.generate_dataset``): 
 ``closed_vqa.csv``, ``open_vqa.jsonl``, ``captions.jsonl``, ``reports.jsonl`` and ``masks/``.
 SlideBench file: each row's ``Slide`` is looked up as ``<features_dir>/<Slide>.h5|.csv`` (also one
 folder deeper, and names that start with the slide id) or ``<slides_dir>/<Slide>.<slide ext>``.
+
+Cases: a row whose ``Slide`` lists several slides (``a;b`` or ``a|b``) is asked about all of them in one
+conversation; each slide is looked up as above. A SynthSlide case folder (``slidechat synth --cases``) adds its
+``case_closed_vqa.csv`` to the closed questions.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ class BenchmarkData:
         return (self.root / t["mask_path"]) if t.get("lesion") and t.get("mask_path") else None
 
 
+def case_slides(slide: str) -> list[str]:
+    """The slide ids of a ``Slide`` value: one, or several joined by ``;`` or ``|``."""
+    parts = [p.strip() for p in slide.replace("|", ";").split(";")]
+    return [p for p in parts if p] or [slide]
+
+
 def _keyed(records: list[dict], key: str, source: Path) -> dict[str, dict]:
     """{record[key]: record}; a record without the key is malformed."""
     for i, r in enumerate(records, 1):
@@ -69,6 +79,12 @@ def load_synth_folder(root: Path, bad_lines: BadLines | None = None) -> Benchmar
                          slides={sid: root / r["path"] for sid, r in truth.items()})
     if (root / "closed_vqa.csv").exists():
         data.closed_vqa = load_closed_vqa(root / "closed_vqa.csv", bad_lines)
+    if (root / "case_closed_vqa.csv").exists():
+        case_items = load_closed_vqa(root / "case_closed_vqa.csv", bad_lines)
+        unknown = sorted({s for it in case_items for s in case_slides(it.slide) if s not in truth})
+        if unknown:
+            raise DataError(f"{root / 'case_closed_vqa.csv'} names slides not in truth.jsonl: {unknown[:3]}")
+        data.closed_vqa += case_items
     data.open_vqa = read_jsonl(root / "open_vqa.jsonl", bad_lines)
     for i, r in enumerate(data.open_vqa, 1):
         missing = [k for k in ("id", "slide_id", "question", "answer") if k not in r]
@@ -113,6 +129,7 @@ def load_benchmark(data: str | Path, features_dir: str | Path | None = None,
         fdir = sdir = path.parent
     out = BenchmarkData(name=path.stem, root=path.parent, closed_vqa=items)
     for item in items:
-        if item.slide not in out.slides:
-            out.slides[item.slide] = find_slide_file(item.slide, fdir, sdir)
+        for slide in case_slides(item.slide):
+            if slide not in out.slides:
+                out.slides[slide] = find_slide_file(slide, fdir, sdir)
     return out

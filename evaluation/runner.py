@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slidechat.evaluation.benchmark_data import BenchmarkData, load_benchmark
+from slidechat.evaluation.benchmark_data import BenchmarkData, case_slides, load_benchmark
 from slidechat.evaluation.closed_vqa import BootstrapConfig, score_closed_vqa
 from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_results_folder
 from slidechat.evaluation.scoring import TextScoreConfig, score_text
@@ -101,7 +101,9 @@ def _work_items(data: BenchmarkData, tasks: list[str], limit: int | None) -> lis
     units = []
     for task in tasks:
         units += per_task.get(task, [])[: limit or None]
-    return sorted(units, key=lambda u: order.get(u["slide_id"], len(order)))
+    # units of one slide (or one case, whose id lists its slides) run together so each is encoded once
+    return sorted(units, key=lambda u: (order.get(u["slide_id"], len(order)),
+                                        "" if u["slide_id"] in order else u["slide_id"]))
 
 
 def _check_run_meta(out: Path, meta: dict, create: bool = True) -> None:
@@ -258,14 +260,19 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
 
 
 def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig):
-    """(encoded slide, None) or (None, error text)."""
-    path = data.slides.get(sid)
+    """(encoded slide, None) or (None, error text); a case's ``sid`` (``a;b``) gives a ``Case`` of its slides."""
+    from slidechat.inference.case import Case
+
+    encoded = []
     try:
-        if path is None:
-            raise SlideChatError(f"no slide or feature file found for slide {sid!r}")
-        return assistant.encode_slide(path, cache_dir=cfg.cache_dir), None
+        for part in case_slides(sid):
+            path = data.slides.get(part)
+            if path is None:
+                raise SlideChatError(f"no slide or feature file found for slide {part!r}")
+            encoded.append(assistant.encode_slide(path, cache_dir=cfg.cache_dir))
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    return (encoded[0] if len(encoded) == 1 else Case(sid, encoded)), None
 
 
 def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,

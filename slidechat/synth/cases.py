@@ -1,0 +1,231 @@
+"""SynthSlide cases: 2-4 slides of one synthetic specimen with case-level ground truth and questions.
+
+A case's slides are ordinary SynthSlides (written to ``slides/`` with every single-slide product), drawn so that
+case questions have definite answers: at most one slide carries the focal lesion (none in about one case in five).
+Extra files, beside the single-slide ones::
+
+    cases.csv             case_id,slide_path,label   (the input of `slidechat report --cases`)
+    case_truth.jsonl      per case: slide ids, labels, which slides show a lesion / tumour / necrosis
+    case_closed_vqa.csv   SlideBench columns; ``Slide`` lists the case's slides joined by ";"
+    case_instructions.json  LLaVA/SlideInstruction records with ``"image": [...]`` (one conversation per case)
+    case_reports.jsonl    a case-level report (text + fields) per case
+
+Answers name slides as the prompt does (``Slide 2 (A2 H&E)``: ``slidechat.inference.case.Case.name``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from slidechat import prompts
+from slidechat.errors import ConfigError
+from slidechat.synth import text as T
+from slidechat.synth.classes import DISPLAY_NAMES, LABEL_NAMES, LESION_DISPLAY, QUADRANTS, TISSUE_CLASSES
+from slidechat.synth.dataset import CLOSED_VQA_COLUMNS, MAGNIFICATION, MPP, SIZES, generate_slide, write_text_products
+from slidechat.utils.io import write_json_atomic, write_text_atomic
+
+CASE_SLIDE_SEPARATOR = ";"
+NO_LESION_SLIDE = "None of the slides"
+CASE_CATEGORY = "Case"
+
+
+def slide_name(index: int, label: str | None) -> str:
+    """``Slide 2 (A2 H&E)`` for the 0-based ``index`` (``prompts.slide_name``, as the case prompt names it)."""
+    return prompts.slide_name(index + 1, label)
+
+
+def plan_cases(n_cases: int, seed: int, min_slides: int = 2, max_slides: int = 4) -> list[dict]:
+    """Per case: its slide count and which slide (0-based, or None) carries the lesion; deterministic in ``seed``."""
+    if not 1 <= min_slides <= max_slides:
+        raise ConfigError(f"case slides: need 1 <= min ({min_slides}) <= max ({max_slides})")
+    rng = np.random.default_rng([seed, 4242])
+    plans = []
+    for _ in range(n_cases):
+        n = int(rng.integers(min_slides, max_slides + 1))
+        lesion = None if rng.random() < 0.2 else int(rng.integers(n))
+        plans.append({"n_slides": n, "lesion_slide": lesion})
+    return plans
+
+
+def case_truth(case_id: str, slides: list[dict], labels: list[str]) -> dict:
+    """Case-level facts from the slides' truth records (indices 0-based)."""
+    return {
+        "case_id": case_id,
+        "slide_ids": [r["slide_id"] for r in slides],
+        "labels": labels,
+        "lesion_slides": [i for i, r in enumerate(slides) if r["lesion"] is not None],
+        "tumor_slides": [i for i, r in enumerate(slides) if r["tumor_fraction"] > 0],
+        "necrosis_slides": [i for i, r in enumerate(slides) if "necrosis" in r["classes_present"]],
+        "lesion_types": [LESION_DISPLAY[r["lesion"]["class"]] if r["lesion"] else None for r in slides],
+        "lesion_quadrants": [r["lesion"]["quadrant"] if r["lesion"] else None for r in slides],
+        "dominant_tissues": [DISPLAY_NAMES[r["dominant_class"]] for r in slides],
+    }
+
+
+def _mcq(narrow: str, question: str, correct: str, others: list[str], rng: np.random.Generator) -> dict:
+    """Up to four options (the correct one + up to three others), shuffled; letters A.. in order."""
+    distractors = [others[i] for i in rng.permutation(len(others))[:3]]
+    options = [correct] + distractors
+    options = [options[i] for i in rng.permutation(len(options))]
+    return {"broad": CASE_CATEGORY, "narrow": narrow, "question": question, "options": options,
+            "answer": "ABCD"[options.index(correct)]}
+
+
+def case_closed_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
+    """Questions whose answer needs more than one slide of the case."""
+    n = len(truth["slide_ids"])
+    names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
+    lesion = truth["lesion_slides"]
+    lesion_answer = names[lesion[0]] if lesion else NO_LESION_SLIDE
+    out = [
+        _mcq("Lesion slide", "Which slide shows the focal lesion?", lesion_answer,
+             [x for x in names + [NO_LESION_SLIDE] if x != lesion_answer], rng),
+        _mcq("Tumour in any slide", "Is tumour present in any of the slides?",
+             "Yes" if truth["tumor_slides"] else "No", ["No" if truth["tumor_slides"] else "Yes"], rng),
+    ]
+    k = len(truth["necrosis_slides"])
+    out.append(_mcq("Necrosis count", "In how many of the slides is necrosis present?", str(k),
+                    [str(v) for v in range(n + 1) if v != k], rng))
+    return out
+
+
+def _lesion_slide_sentence(truth: dict) -> str:
+    names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
+    if not truth["lesion_slides"]:
+        return "None of the slides shows a focal lesion."
+    i = truth["lesion_slides"][0]
+    return (f"{names[i]} shows the focal lesion: a {truth['lesion_types'][i]} in the "
+            f"{truth['lesion_quadrants'][i]} quadrant.")
+
+
+def _count_sentence(what: str, slides: list[int], names: list[str]) -> str:
+    if not slides:
+        return f"{what.capitalize()} is present in none of the slides."
+    where = T._join([names[i] for i in slides])
+    return f"{what.capitalize()} is present in {len(slides)} slide{'s' if len(slides) != 1 else ''}: {where}."
+
+
+def case_conversation(truth: dict) -> list[dict]:
+    """A LLaVA conversation over the case: which slide, tumour anywhere, necrosis count, then a case summary."""
+    names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
+    tumor = truth["tumor_slides"]
+    turns = [
+        ("Which slide shows the focal lesion?", _lesion_slide_sentence(truth)),
+        ("Is tumour present in any of the slides?",
+         (f"Yes, tumour is present in {T._join([names[i] for i in tumor])}." if tumor
+          else "No, none of the slides shows tumour.")),
+        ("In how many of the slides is necrosis present?", _count_sentence("necrosis", truth["necrosis_slides"], names)),
+    ]
+    conv = []
+    for q, a in turns:
+        conv.append({"from": "human", "value": q})
+        conv.append({"from": "gpt", "value": a})
+    return conv
+
+
+def case_report(truth: dict) -> tuple[str, dict]:
+    """A case-level report: one line per slide and the case's findings."""
+    names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
+    fields = {
+        "n_slides": len(names),
+        "lesion_slide": names[truth["lesion_slides"][0]] if truth["lesion_slides"] else None,
+        "tumor_present_any": bool(truth["tumor_slides"]),
+        "tumor_slides": [names[i] for i in truth["tumor_slides"]],
+        "necrosis_slide_count": len(truth["necrosis_slides"]),
+    }
+    lines = [f"CASE {truth['case_id']}: {len(names)} slides."]
+    for i, name in enumerate(names):
+        lesion = truth["lesion_types"][i]
+        lines.append(f"{name.upper()}: predominantly {truth['dominant_tissues'][i]}; "
+                     + (f"{lesion}, {truth['lesion_quadrants'][i]} quadrant." if lesion else "no focal lesion."))
+    lines += [f"LESION: {_lesion_slide_sentence(truth)}",
+              f"TUMOUR: {'present in ' + T._join(fields['tumor_slides']) if fields['tumor_slides'] else 'absent'}.",
+              f"NECROSIS: {_count_sentence('necrosis', truth['necrosis_slides'], names)}"]
+    return "\n".join(lines), fields
+
+
+def write_case_products(out_dir: Path, cases: list[dict], records: dict[str, dict], seed: int) -> None:
+    """cases.csv, case_truth.jsonl, case_closed_vqa.csv, case_instructions.json, case_reports.jsonl."""
+    rng = np.random.default_rng([seed, 7331])
+    truths, reports, convs, closed = [], [], [], []
+    table = io.StringIO()
+    cases_csv = csv.writer(table, lineterminator="\n")
+    cases_csv.writerow(["case_id", "slide_path", "label"])
+    for case in cases:
+        slides = [records[sid] for sid in case["slide_ids"]]
+        truth = case_truth(case["case_id"], slides, case["labels"])
+        truths.append(truth)
+        for r, label in zip(slides, case["labels"]):
+            cases_csv.writerow([case["case_id"], r["path"], label])
+        text, fields = case_report(truth)
+        reports.append({"case_id": case["case_id"], "report_text": text, "report": fields})
+        convs.append({"id": f"{case['case_id']}-conv", "image": [f"{sid}.tiff" for sid in truth["slide_ids"]],
+                      "conversations": case_conversation(truth)})
+        closed += [{**q, "slide": CASE_SLIDE_SEPARATOR.join(truth["slide_ids"]), "case_id": case["case_id"]}
+                   for q in case_closed_questions(truth, rng)]
+
+    def jsonl(rows: list[dict]) -> str:
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    write_text_atomic(out_dir / "cases.csv", table.getvalue())
+    write_text_atomic(out_dir / "case_truth.jsonl", jsonl(truths))
+    write_text_atomic(out_dir / "case_reports.jsonl", jsonl(reports))
+    write_json_atomic(out_dir / "case_instructions.json", convs)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CLOSED_VQA_COLUMNS)
+    for i, q in enumerate(closed):
+        options = q["options"] + [""] * (4 - len(q["options"]))
+        writer.writerow([f"{q['case_id']}-{i}", q["slide"], "SYNTH", q["broad"], q["narrow"], q["question"],
+                         *options, q["answer"]])
+    write_text_atomic(out_dir / "case_closed_vqa.csv", buf.getvalue())
+
+
+def generate_case_dataset(out_dir: str | os.PathLike, n_cases: int, seed: int = 0, size: str = "tiny", *,
+                          min_slides: int = 2, max_slides: int = 4, workers: int = 1,
+                          progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Write ``n_cases`` cases (their slides + single-slide and case products) to ``out_dir``; return the cases."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if n_cases < 1:
+        raise ConfigError("--cases must be at least 1")
+    out = Path(out_dir)
+    for sub in ("slides", "masks", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    plans = plan_cases(n_cases, seed, min_slides, max_slides)
+    total = sum(p["n_slides"] for p in plans)
+    records: list[dict] = []
+    cases: list[dict] = []
+    quad_rng = np.random.default_rng([seed, 556])
+    for c, plan in enumerate(plans):
+        block = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[c % 26]
+        ids, labels = [], []
+        for j in range(plan["n_slides"]):
+            has_lesion = plan["lesion_slide"] == j
+            rec = generate_slide(out, seed, len(records), size, quadrant=QUADRANTS[int(quad_rng.integers(4))],
+                                 lesion_probability=1.0 if has_lesion else 0.0, workers=workers)
+            rec["case_id"] = f"case-{seed}-{c:04d}"
+            records.append(rec)
+            ids.append(rec["slide_id"])
+            labels.append(f"{block}{j + 1} H&E")
+            if progress is not None:
+                progress(len(records), total)
+        cases.append({"case_id": f"case-{seed}-{c:04d}", "slide_ids": ids, "labels": labels})
+    write_text_products(out, records, seed)
+    write_case_products(out, cases, {r["slide_id"]: r for r in records}, seed)
+    write_json_atomic(out / "dataset.json", {
+        "generator": "slidechat.synth", "seed": seed, "size": size, "n": len(records), "n_cases": n_cases,
+        "mpp": MPP, "magnification": MAGNIFICATION, "tissue_classes": list(TISSUE_CLASSES),
+        "label_names": list(LABEL_NAMES)})
+    return cases
+
+
+__all__ = ["generate_case_dataset", "plan_cases", "case_truth", "case_closed_questions", "case_conversation",
+           "case_report", "write_case_products", "slide_name", "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]

@@ -1,0 +1,76 @@
+"""SynthSlide cases: the generator's files agree with the slides' own truth, and every reader takes them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from slidechat.errors import ConfigError
+from slidechat.evaluation.benchmark_data import case_slides, load_benchmark
+from slidechat.evaluation.slidebench import load_closed_vqa
+from slidechat.inference.case import read_cases_csv
+from slidechat.synth.cases import NO_LESION_SLIDE, generate_case_dataset, plan_cases
+from slidechat.training.data import SkipCounter, load_samples
+from slidechat.utils.io import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def case_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cases")
+    generate_case_dataset(out, 3, seed=11, size="tiny", min_slides=2, max_slides=3)
+    return out
+
+
+def test_case_plan_is_deterministic_and_in_range():
+    a, b = plan_cases(40, seed=3), plan_cases(40, seed=3)
+    assert a == b and a != plan_cases(40, seed=4)
+    assert all(2 <= p["n_slides"] <= 4 for p in a)
+    assert all(p["lesion_slide"] is None or 0 <= p["lesion_slide"] < p["n_slides"] for p in a)
+    assert any(p["lesion_slide"] is None for p in a) and any(p["lesion_slide"] is not None for p in a)
+    with pytest.raises(ConfigError):
+        plan_cases(2, seed=0, min_slides=3, max_slides=2)
+
+
+def test_case_files_agree_with_the_slide_truth(case_folder):
+    truth = {r["slide_id"]: r for r in read_jsonl(case_folder / "truth.jsonl")}
+    cases = read_cases_csv(case_folder / "cases.csv")
+    assert len(cases) == 3 and all(2 <= len(c) <= 3 for c in cases)
+    assert sum(len(c) for c in cases) == len(truth)
+    for case in cases:
+        assert all(p.is_file() for p in case.slides)
+        ids = [p.stem for p in case.slides]
+        assert sum(truth[s]["lesion"] is not None for s in ids) <= 1  # "which slide" has one answer
+        assert all(lab.endswith("H&E") for lab in case.labels)
+    items = load_closed_vqa(case_folder / "case_closed_vqa.csv")
+    assert len(items) == 3 * 3 and all(it.broad_category == "Case" for it in items)
+    for it in items:
+        ids = case_slides(it.slide)
+        assert len(ids) >= 2 and all(s in truth for s in ids)
+        answer = it.options[it.answer]
+        if it.narrow_category == "Lesion slide":
+            lesion = [i for i, s in enumerate(ids) if truth[s]["lesion"] is not None]
+            assert answer.startswith(f"Slide {lesion[0] + 1} ") if lesion else answer == NO_LESION_SLIDE
+        elif it.narrow_category == "Tumour in any slide":
+            assert answer == ("Yes" if any(truth[s]["tumor_fraction"] > 0 for s in ids) else "No")
+        else:
+            assert answer == str(sum("necrosis" in truth[s]["classes_present"] for s in ids))
+    reports = read_jsonl(case_folder / "case_reports.jsonl")
+    assert [r["case_id"] for r in reports] == [c.case_id for c in cases]
+    assert all(r["report_text"].count("SLIDE ") == r["report"]["n_slides"] for r in reports)
+
+
+def test_case_conversations_train_and_case_rows_evaluate(case_folder):
+    skips = SkipCounter()
+    samples = load_samples(case_folder / "case_instructions.json", "instructions", skips, require_image_tag=False)
+    assert skips.total == 0 and len(samples) == 3
+    cases = read_cases_csv(case_folder / "cases.csv")
+    assert [s.keys for s in samples] == [[p.stem for p in c.slides] for c in cases]
+    assert all(len(s.messages) == 6 for s in samples)
+    data = load_benchmark(case_folder)
+    case_items = [it for it in data.closed_vqa if ";" in it.slide]
+    assert len(case_items) == 9 and len(data.closed_vqa) > 9
+    with open(case_folder / "case_closed_vqa.csv", newline="") as fh:
+        assert next(csv.reader(fh))[:2] == ["ID", "Slide"]
+    assert json.loads((case_folder / "dataset.json").read_text())["n_cases"] == 3
