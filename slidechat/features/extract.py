@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,7 +316,7 @@ def extract_many(
         on_slide(Path(item), "failed", f"{item}: no slides found there")
     start = time.perf_counter()
     expected = {"encoder": encoder.name, "patch_size": config.patch_size, "target_mpp": float(config.target_mpp)}
-    claims = _SlideClaims(out_dir, expected, resume, lock_stale_s)
+    claims = _SlideClaims(out_dir, [out_dir / f"{slide_id_of(s)}.h5" for s in slides], expected, resume, lock_stale_s)
     busy: list[Path] = []
     for slide in slides:
         if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress) == "busy":
@@ -372,36 +371,24 @@ def _extract_claimed(slide: Path, claims: "_SlideClaims", encoder: PatchEncoder,
 
 
 class _SlideClaims:
-    """The lock folder of one ``extract_many`` run and what it knows about the slides' outputs.
+    """The lock folder of one ``extract_many`` worker and what it knows about the slides' outputs.
 
-    Without ``resume`` an existing .h5 is still extracted again, but only once: one that changed after this run
-    looked at it was written by a worker running at the same time. A slide that fails leaves
-    ``<slide_id>.h5.failed`` (the error) in the lock folder; workers that started before it was written skip the
-    slide, a later run tries it again.
+    The worker itself holds ``worker-<host>-<pid>.lock`` while it runs. Without ``resume`` an existing .h5 is
+    extracted again, but only once: one that changed after this worker first looked at it was written by another
+    worker meanwhile. A slide that fails leaves ``<slide_id>.h5.failed`` (the error) in the lock folder: workers
+    running at the same time skip that slide, a later run tries it again; the last worker to finish removes the
+    notes and the folder.
     """
 
-    def __init__(self, out_dir: Path, expected: dict, resume: bool, stale_after_s: float) -> None:
+    def __init__(self, out_dir: Path, outputs: list[Path], expected: dict, resume: bool,
+                 stale_after_s: float) -> None:
         self.out_dir, self.expected, self.resume = out_dir, expected, resume
-        self.locks = LockFolder(out_dir / LOCK_DIR, stale_after_s=stale_after_s)
-        self._seen: dict[Path, tuple[int, int] | None] = {}
         self._out_existed = out_dir.exists()
-        self._started_local_ns = time.time_ns()
-        self._started_ns: int | None = None
-
-    @property
-    def started_ns(self) -> int:
-        """When this run started, by the clock of the filesystem holding the lock folder (on a shared
-        filesystem its server stamps the mtimes, and its clock may differ from this machine's)."""
-        if self._started_ns is None:
-            self.locks.folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".clock-", dir=self.locks.folder)
-            try:
-                fs_now = os.fstat(fd).st_mtime_ns
-            finally:
-                os.close(fd)
-                os.unlink(probe)
-            self._started_ns = fs_now - (time.time_ns() - self._started_local_ns)
-        return self._started_ns
+        self.locks = LockFolder(out_dir / LOCK_DIR, stale_after_s=stale_after_s)
+        self._seen = {p: self._stamp(p) for p in outputs}  # the outputs as this worker found them
+        self._worker = self.locks.try_acquire(f"worker-{socket.gethostname()}-{os.getpid()}")
+        # by the lock folder's own clock: on a shared filesystem its server stamps the mtimes
+        self.started_ns = self._worker.path.stat().st_mtime_ns if self._worker is not None else time.time_ns()
 
     def _stamp(self, path: Path) -> tuple[int, int] | None:
         try:
@@ -413,8 +400,7 @@ class _SlideClaims:
     def done(self, out_path: Path) -> bool:
         """Whether ``out_path`` needs no extraction (by this worker)."""
         stamp = self._stamp(out_path)
-        first = self._seen.setdefault(out_path, stamp)
-        if not self.resume and (stamp is None or stamp == first):
+        if not self.resume and (stamp is None or stamp == self._seen.get(out_path)):
             return False
         return is_complete_features_h5(out_path, self.expected)
 
@@ -444,11 +430,21 @@ class _SlideClaims:
             self._failure_path(out_path).unlink()
 
     def finish(self) -> None:
-        """Remove the lock folder when no worker holds a lock any more (failure notes go with it), and the
-        output folder when this run made it and wrote nothing there."""
+        """Release this worker; the last one out clears the lock folder (stale locks of killed workers and
+        the failure notes with it), and the output folder when this run made it and wrote nothing there."""
+        if self._worker is not None:
+            self._worker.release()
         folder = self.locks.folder
         with contextlib.suppress(OSError):
-            if not any(p.name.endswith(LOCK_SUFFIX) for p in folder.iterdir()):
+            live = 0
+            for path in folder.glob(f"*{LOCK_SUFFIX}"):
+                key = path.name[: -len(LOCK_SUFFIX)]
+                stale = self.locks.holder(key) is None and self.locks.try_acquire(key)
+                if stale:
+                    stale.release()
+                else:
+                    live += 1
+            if not live:
                 for note in folder.glob(f"*{FAILED_SUFFIX}"):
                     note.unlink()
                 remove_stale_temp_files(folder)

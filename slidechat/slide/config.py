@@ -144,7 +144,8 @@ class ExtractionConfig:
     def from_args(cls, args: argparse.Namespace) -> "ExtractionConfig":
         """The config from the options ``add_extraction_arguments`` added (already checked by argparse)."""
         tissue = TissueConfig(method=args.tissue_method, threshold=args.tissue_threshold,
-                              min_tissue=args.min_tissue, exclude_pen=not args.keep_pen)
+                              min_tissue=args.min_tissue, exclude_pen=not args.keep_pen,
+                              thumbnail_size=getattr(args, "thumbnail_size", TissueConfig.thumbnail_size))
         return cls(target_mpp=args.target_mpp, patch_size=args.patch_size, batch_size=args.batch_size,
                    num_workers=args.num_workers, reader_mode=args.reader, mpp=args.mpp, tissue=tissue)
 
@@ -172,3 +173,5 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, *, with_mpp: bool 
     parser.add_argument("--min-tissue", type=option_type("min_tissue"), default=t.min_tissue,
                         help=f"tissue fraction a patch needs (default {t.min_tissue:g})")
     parser.add_argument("--keep-pen", action="store_true", help="do not remove pen marks from the tissue mask")
+    parser.add_argument("--thumbnail-size", type=option_type("thumbnail_size"), default=t.thumbnail_size,
+                        help=f"longer side in px of the thumbnail tissue is detected on (default {t.thumbnail_size})")
