@@ -22,7 +22,9 @@ from slidechat.errors import SlideChatError, SlideReadError
 from slidechat.features.store import SlideFeatures, is_complete_features_h5, write_features_h5
 from slidechat.slide.config import ExtractionConfig
 from slidechat.slide.reader import SlideReader
-from slidechat.slide.tiling import PatchBlockDataset, TileGrid, grid_shape, make_tile_grid, patch_loader
+from slidechat.slide.memory import check_decode
+from slidechat.slide.tiling import (PatchBlockDataset, TileGrid, grid_shape, make_tile_grid, patch_loader, read_memory_bytes,
+                                    read_plan)
 from slidechat.slide.tissue import TissueMask, detect_tissue
 from slidechat.utils.io import remove_stale_temp_files, sha256_file, write_json_atomic
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, LOCK_SUFFIX, LockFolder, safe_file_name
@@ -221,7 +223,8 @@ def extract_slide(
     progress = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
     with SlideReader(slide_path, mpp=config.mpp) as reader:
-        grid_shape(reader, config.target_mpp, config.patch_size)  # mpp and grid-size errors before any work
+        _, cols, rows = grid_shape(reader, config.target_mpp, config.patch_size)  # mpp and grid-size errors first
+        check_extraction_memory(reader, encoder, config, cols * rows)
         progress("tissue", 0, 1)
         if tissue is None:
             tissue = detect_tissue(reader, config=config.tissue)
@@ -236,6 +239,25 @@ def extract_slide(
     return ExtractionResult(h5_path=h5, slide_path=slide_path, sha256=sha, features=features, coords=grid.coords,
                             attrs=attrs, tissue=tissue, grid=grid, config=config,
                             seconds=time.perf_counter() - start)
+
+
+def check_extraction_memory(reader: SlideReader, encoder: PatchEncoder, config: ExtractionConfig,
+                            n_cells: int) -> None:
+    """ConfigError before any pixel is decoded when reading and encoding this slide's patches (at most
+    ``n_cells``) as ``config`` says would hold more memory than the decode bound (``slidechat.slide.memory``)."""
+    p, bs = config.patch_size, min(config.batch_size, max(1, n_cells))
+    k = read_plan(reader, max(1, int(round(p * config.target_mpp / reader.mpp))), p)[3]
+    waiting = 2 * (bs + k * k) * p * p * 3  # uint8 patches gathered for a batch, and their concatenation
+    size = int(getattr(encoder, "input_size", p) or p)
+    batch = bs * 3 * 4 * (p * p + size * size)  # the float batch, before and after resizing to the encoder
+    need = read_memory_bytes(reader, config.target_mpp, p, config.num_workers) + waiting + batch
+    advice = "use a smaller --patch-size, --batch-size or --num-workers"
+    if reader.level_count == 1 and reader.tile_layout(0) is None:
+        advice = "convert the slide to a tiled pyramid (e.g. `vips tiffsave in out.tiff --tile --pyramid`), or " + advice
+    elif reader.level_count == 1:
+        advice += ", or give the slide a pyramid (e.g. `vips tiffsave in out.tiff --tile --pyramid`)"
+    check_decode(f"{reader.path}: reading --patch-size {p} patches at --target-mpp {config.target_mpp:g} "
+                 f"(--batch-size {config.batch_size}, --num-workers {config.num_workers})", need, advice)
 
 
 def _encode_grid(slide_path: Path, grid: TileGrid, encoder: PatchEncoder, config: ExtractionConfig,

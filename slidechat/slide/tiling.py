@@ -80,6 +80,37 @@ def grid_shape(reader: SlideReader, target_mpp: float, patch_size: int) -> tuple
     return patch0, cols, rows
 
 
+def read_plan(reader: SlideReader, patch0: int, patch_size: int) -> tuple[int, float, int, int]:
+    """(level read, its downsample, level px per patch, cells per block side) for patches of ``patch0``
+    level-0 px resized to ``patch_size``."""
+    level = reader.best_level_for_downsample(patch0 / patch_size)
+    ds = reader.level_downsamples[level]
+    patch_level = max(1, int(round(patch0 / ds)))
+    # the block must also stay tile-aligned in level-0 terms: level px per block = k * patch_level
+    return level, ds, patch_level, choose_block_cells(patch_level, reader.level_tile_size(level)[0])
+
+
+def read_memory_bytes(reader: SlideReader, target_mpp: float, patch_size: int, num_workers: int,
+                      prefetch: int = 4) -> int:
+    """Peak bytes the block readers hold at once: ``num_workers`` block reads in flight (the level region
+    decoded, resized, cut into patches) and the patches of the blocks waiting to be encoded."""
+    from slidechat.slide.memory import read_region_bytes
+
+    patch0 = max(1, int(round(patch_size * target_mpp / reader.mpp)))
+    level, ds, patch_level, k = read_plan(reader, patch0, patch_size)
+    patches = k * k * patch_size * patch_size * 3
+    tiles = reader.tile_layout(level)
+    if patch_level == patch_size and tiles is not None:  # stored tiles copied straight into the patches
+        per_read = patches + tiles[0] * tiles[1] * 4
+    else:
+        lw, lh = reader.level_dimensions[level]
+        side = int(round(k * patch0 / ds))
+        resized = (k * patch_size) ** 2 * 3 if patch_level != patch_size else 0
+        per_read = read_region_bytes(reader, level, 0, 0, min(side, lw), min(side, lh)) + resized + patches
+    readers = max(1, int(num_workers))
+    return readers * per_read + prefetch * readers * patches
+
+
 def make_tile_grid(
     reader: SlideReader, tissue: TissueMask, target_mpp: float = DEFAULT_TARGET_MPP,
     patch_size: int = DEFAULT_PATCH_SIZE, min_tissue: float = DEFAULT_MIN_TISSUE, keep_best: bool = True,
@@ -91,9 +122,7 @@ def make_tile_grid(
     """
     mpp = reader.mpp
     patch0, cols, rows = grid_shape(reader, target_mpp, patch_size)
-    level = reader.best_level_for_downsample(patch0 / patch_size)
-    ds = reader.level_downsamples[level]
-    patch_level = max(1, int(round(patch0 / ds)))
+    level, ds, patch_level, k = read_plan(reader, patch0, patch_size)
     w0, h0 = reader.dimensions
     if cols == 0 or rows == 0:
         raise NoTissueError(f"{reader.path}: slide ({w0}x{h0} px) is smaller than one {patch0}-px patch")
@@ -113,8 +142,6 @@ def make_tile_grid(
         log.info("%s: no %d-px patch at %g mpp is >= %.0f%% tissue; keeping the %d best-covered patches "
                  "(>= %.1f%% tissue)", reader.path.name, patch_size, target_mpp, 100 * min_tissue,
                  int(keep.sum()), 100 * best / 2)
-    # the block must also stay tile-aligned in level-0 terms: level px per block = k * patch_level
-    k = choose_block_cells(patch_level, reader.level_tile_size(level)[0])
     return TileGrid(
         coords=xy[keep].astype(np.int64), grid_index=grid[keep], patch_size=patch_size, patch_size_level0=patch0,
         patch_size_level=patch_level, level=level, level_downsample=float(ds), target_mpp=target_mpp,

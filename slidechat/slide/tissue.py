@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from slidechat.errors import NoTissueError
+from slidechat.errors import NoTissueError, SlideReadError
 from slidechat.slide.config import TissueConfig
 
 # Glass has saturation ~0.0-0.05; below this floor nothing counts as tissue even if Otsu says so.
@@ -224,7 +224,9 @@ def detect_tissue(
     config = config or TissueConfig()
     if threshold is not None:
         config = dataclasses.replace(config, threshold=threshold)
-    thumb = np.asarray(reader.thumbnail(thumbnail_size or config.thumbnail_size).convert("RGB"))
+    size = thumbnail_size or config.thumbnail_size
+    check_thumbnail_memory(reader, size)
+    thumb = np.asarray(reader.thumbnail(size).convert("RGB"))
     mask, t = tissue_mask_from_rgb(thumb, config, min_object_fraction, closing_radius)
     w0, h0 = reader.dimensions
     downsample = (w0 / mask.shape[1] + h0 / mask.shape[0]) / 2
@@ -239,6 +241,18 @@ def detect_tissue(
     ]
     contours = [c - downsample for c in contours]  # undo the pad
     return TissueMask(mask=mask, downsample=float(downsample), contours=contours, threshold=t, thumbnail=thumb)
+
+
+def check_thumbnail_memory(reader, size: int) -> None:
+    """SlideReadError before decoding when the slide's thumbnail would need more memory than the decode bound
+    (a slide without a pyramid is reduced from its full-size level)."""
+    from slidechat.slide.memory import check_decode, thumbnail_bytes
+
+    w, h = reader.dimensions
+    check_decode(f"{reader.path}: the {size}-px thumbnail of this {w} x {h} px slide "
+                 f"({reader.level_count} level{'s' if reader.level_count != 1 else ''})", thumbnail_bytes(reader, size),
+                 "convert it to a tiled pyramid (e.g. `vips tiffsave in out.tiff --tile --pyramid "
+                 "--compression jpeg`)", error=SlideReadError)
 
 
 def _drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
