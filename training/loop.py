@@ -16,6 +16,7 @@ import torch
 
 from slidechat.errors import ConfigError, DataError
 from slidechat.training import model_hooks
+from slidechat.training.checkpoint import write_feature_stats
 from slidechat.training.data import Collator, FeatureResolver, SkipCounter, SlideConversationDataset, load_samples
 from slidechat.training.forward import fast_forward
 from slidechat.training.grounding import forward_with_grounding, has_own_relevance
@@ -180,6 +181,7 @@ class LMStage(Stage):
 
     def save_final(self, module, ctx: TrainContext) -> None:
         model_hooks.save_model(module, ctx.output_dir / "final", accelerator=ctx.accelerator)
+        write_feature_stats(ctx.output_dir / "final", self.recipe.data.features_dir)  # for the OOD warning
         log.info("[%s] %s; model in %s", self.name, self.skips.summary(), ctx.output_dir / "final")
 
     def state_dict(self) -> dict:

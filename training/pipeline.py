@@ -6,8 +6,8 @@ Steps, each skipped when its output is already complete (so ``--resume`` after a
 2. ``patch_cnn``: the demo CNN trained on the label maps -> ``<out>/patch_cnn.safetensors``;
 3. ``extract``: features of every slide -> ``<out>/features/<slide>.h5`` (resumes slide by slide);
 4. data: ``<out>/data/instructions.json`` (MCQ + report questions + open questions) and grounding targets;
-5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint; the last
-   one gets the statistics of the training features (``feature_stats.*``, the out-of-distribution warning's);
+5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint (with the
+   statistics of its training features, ``feature_stats.*``, for the out-of-distribution warning);
 6. ``export``: the last checkpoint copied to ``export`` (and the CNN to ``slidechat/assets/demo_cnn.safetensors``);
 7. ``evaluate``: ``slidechat eval run`` (closed VQA per category + pointing game) on a fresh SynthSlide set with an
    unseen seed; its summary is recorded in ``pipeline.json``, the full results in ``<out>/eval/run/``.
@@ -185,14 +185,6 @@ def _stage_steps(run: _Run) -> None:
         run.prev_final = final
 
 
-def _feature_stats_step(run: _Run) -> None:
-    from slidechat.training.checkpoint import write_feature_stats
-
-    if write_feature_stats(run.prev_final, run.features_dir) is not None:
-        meta = json.loads((run.prev_final / "feature_stats.json").read_text(encoding="utf-8"))
-        run.record("feature_stats", {"threshold": meta["threshold"], **meta["calibration"]})
-
-
 def evaluation_summary(results: dict) -> dict:
     """The pipeline's record of an ``eval run``: overall and per-category closed-VQA accuracy, pointing game."""
     out: dict = {}
@@ -246,8 +238,6 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False) -> dict:
     if recipe.slide_pretrain is not None and recipe.stages:
         _slide_pretrain_step(run)
     _stage_steps(run)
-    if run.prev_final is not None and run.features_dir.is_dir():
-        _feature_stats_step(run)
     if recipe.export and run.prev_final is not None:
         export_checkpoint(run.prev_final, Path(recipe.export), run.cnn)
         run.record("export", {"path": recipe.export, "size_mb": round(dir_size(Path(recipe.export)) / 1e6, 2)})
