@@ -120,6 +120,7 @@ class Conversation:
         # key/values of the prompt up to the end of the slide tokens, for attention maps (see heatmap)
         self.slide_prefix: tuple[tuple[int, ...], object] | None = None
         self.slide_prefix_lock = threading.Lock()
+        self.slide_attention: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # (ids read, per slide)
         self.last_prefill_tokens = 0  # how many tokens the last turn's prefill fed (for benchmarks/tests)
 
     @property

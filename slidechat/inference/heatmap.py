@@ -26,7 +26,6 @@ import torch
 
 from slidechat.errors import SlideChatError
 from slidechat.model.llm import cache_kwarg, crop_cache
-from slidechat.model.processor import SLIDE_TOKEN_ID
 from slidechat.viz import normalize_scores
 
 WEIGHTINGS = ("uniform", "llm")
@@ -53,6 +52,9 @@ def llm_attention_to_slides(conv) -> list[torch.Tensor]:
     """Per slide, [T] mean attention (over layers, heads and the text tokens after the last slide) of the LLM to
     each of its tokens."""
     ids = conv.attended_ids()
+    memo = conv.slide_attention
+    if memo is not None and memo[0] == tuple(ids):
+        return memo[1]  # heatmaps of every slide and the case's evidence read the same attention
     spans = conv.slide_spans(ids)
     end = spans[-1][1]
     if end >= len(ids):
@@ -70,7 +72,9 @@ def llm_attention_to_slides(conv) -> list[torch.Tensor]:
                    **{cache_kwarg(llm): past})
         conv.slide_prefix = (key, past) if crop_cache(past, past.get_seq_length() - end) else None
     att = torch.stack([a[0, :, :, :end].float().mean(dim=0) for a in out.attentions]).mean(dim=(0, 1)).cpu()
-    return [att[a:b] for a, b in spans]
+    per_slide = [att[a:b] for a, b in spans]
+    conv.slide_attention = (tuple(ids), per_slide)
+    return per_slide
 
 
 def llm_attention_to_slide(conv, slide: int = 0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import slidechat
 from slidechat.evaluation.answer_parser import parse_choice
 from slidechat.inference.api import DEMO_DIR
+from slidechat.inference.case import Case
 from slidechat.prompts import format_mcq
 
 # one thread: on a shared 2-core machine a second OpenMP thread mostly spin-waits
@@ -75,3 +76,27 @@ def test_demo_checkpoint_three_turns_heatmaps_and_report(demo, synth_dataset, tm
     report = assistant.report(slide, max_new_tokens=12, summary_max_new_tokens=16)
     assert report.fields["tissue_types"] and report.to_markdown().startswith("## ")
     assert len(report.to_dict()["evidence"]) == 4 and "**Evidence**" in report.to_markdown()
+
+
+def test_demo_case_of_a_scanner_slide_and_a_synthslide(demo, cmu_slide, synth_dataset, tmp_path):
+    synth = sorted((synth_dataset / "slides").glob("*.tiff"))[0]
+    slides = [demo.encode_slide(p, cache_dir=tmp_path / "cache") for p in (cmu_slide, synth)]
+    conv = demo.chat(Case("C-1", slides, ["skin H&E", "synthetic H&E"]), max_new_tokens=24)
+    k = demo.num_slide_tokens
+    assert conv.slide_spans(conv.attended_ids()) and len(conv.slide_spans(conv.attended_ids())) == 2
+    answers = [conv.ask("Which slide shows the focal lesion?"),
+               conv.ask(format_mcq("Is tumour present in any of the slides?", {"A": "Yes", "B": "No"}))]
+    assert all(isinstance(a, str) and a.strip() for a in answers)
+    assert conv.last_prefill_tokens < 2 * k  # turn 2 fed only its own tokens, not both slides again
+    maps = [conv.heatmap("llm", slide=i) for i in range(2)]
+    assert [len(m.scores) for m in maps] == [s.num_patches for s in slides]
+    assert all(np.isfinite(m.scores).all() and m.scores.max() == pytest.approx(1.0) for m in maps)
+    ev = conv.evidence(4)
+    assert len(ev) == 4 and {r.slide for r in ev} <= {0, 1}
+    for r in ev:  # every box lies inside its own slide
+        w, h = slides[r.slide].features.attrs["slide_width"], slides[r.slide].features.attrs["slide_height"]
+        assert 0 <= r.box[0] and r.box[0] + r.box[2] <= w and 0 <= r.box[1] and r.box[1] + r.box[3] <= h
+    # the whole-slide answer of one slide is unchanged by the case machinery (S = 1 path)
+    alone = demo.chat(slides[1], max_new_tokens=12).ask("Describe this slide.")
+    again = demo.chat([slides[1]], max_new_tokens=12).ask("Describe this slide.")
+    assert alone == again
