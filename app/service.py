@@ -55,6 +55,19 @@ class SlideSummary:
     seconds: float
 
 
+@dataclass
+class TiledSlide:
+    """A slide's tissue and patch grid, found before its patches are encoded."""
+
+    path: Path  # resolved
+    mpp: float | None  # as given by the user
+    info: dict
+    tissue: Any  # TissueMask
+    level0: tuple[int, int]
+    coords: Any  # [N, 2] level-0 top-left of each patch the encoder will read (None: no patch encoder)
+    patch_size_level0: float | None
+
+
 def safe_filename(name: str, default: str = "slide") -> str:
     """A file name without folders or odd characters (keeps the extension)."""
     base = Path(str(name or "")).name
@@ -156,9 +169,30 @@ class ChatService:
         session.viewer_version += 1
         return slide
 
+    def tile_slide(self, session: SlideSession, path: str | Path, *, display_name: str | None = None,
+                   mpp: float | None = None, progress: ProgressFn | None = None) -> int | None:
+        """Find tissue (thumbnail + outline layer) and lay the patch grid the encoder will read, before any patch
+        is encoded: the viewer can show the grid while a large slide is still encoding. ``open_slide`` after
+        it reuses this work. Returns the number of grid patches (None: this checkpoint reads feature files only,
+        so the grid comes with the features).
+
+        Raises SlideChatError subclasses as ``open_slide`` does.
+        """
+        path = Path(path)
+        name = display_name or path.name
+        with session.task("tiling a slide"):
+            try:
+                self._switch_slide(session, path, mpp)
+                tiled = self._tile(session, path, mpp, lambda stage, done, total: progress and progress(
+                    stage, int(done), int(total)))
+            except SlideChatError as exc:
+                raise type(exc)(_open_error_text(exc, path, name)) from exc
+        return None if tiled.coords is None else int(len(tiled.coords))
+
     def open_slide(self, session: SlideSession, path: str | Path, *, display_name: str | None = None,
                    mpp: float | None = None, progress: ProgressFn | None = None) -> SlideSummary:
-        """Read the slide, find tissue (thumbnail + outline), encode it (cached by sha256), start a conversation.
+        """Read the slide, find tissue (thumbnail + outline) and its patch grid unless ``tile_slide`` just did,
+        encode it (cached by sha256), start a conversation.
 
         Raises SlideChatError subclasses (not a slide, truncated, bomb, no tissue, no mpp) with messages that
         name the file as the user knows it.
@@ -174,35 +208,42 @@ class ChatService:
                 progress(stage, int(done), int(total))
 
         with session.task("encoding a slide"):
-            if session.slide is not None and session.slide.source_path is not None \
-                    and Path(session.slide.source_path) != path:
-                session.clear_slide()
             try:
-                if self.tiles.for_session(session.session_id) is None \
-                        or self.tiles.for_session(session.session_id).path != path.resolve():
-                    self.open_viewer(session, path, mpp)
-                info, tissue, level0 = self._detect_tissue(session, path, mpp, on_progress)
+                self._switch_slide(session, path, mpp)
+                tiled = session.tiled
+                if tiled is None or tiled.path != path.resolve() or tiled.mpp != mpp:
+                    tiled = self._tile(session, path, mpp, on_progress)
                 encoded = self.assistant.encode_slide(path, mpp=mpp, progress=on_progress,
                                                       cache_dir=self.config.features_dir)
                 conversation = self.assistant.chat(encoded, max_new_tokens=self.config.max_new_tokens)
             except SlideChatError as exc:
                 raise type(exc)(_open_error_text(exc, path, name)) from exc
-            self._set_grid_layer(session, encoded)
+            self._set_grid_layer(session, encoded, tiled)
             session.slide, session.conversation, session.source_name = encoded, conversation, name
             session.heatmap, session.transcript = None, []
             n = int(encoded.features.features.shape[0])
-            session.info = _slide_facts(name, info, level0, mpp, tissue, n, encoded.sha256)
+            session.info = _slide_facts(name, tiled.info, tiled.level0, mpp, tiled.tissue, n, encoded.sha256)
             session.touch()
             return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
                                 seconds=time.perf_counter() - t0)
 
-    def _detect_tissue(self, session: SlideSession, path: Path, mpp: float | None, on_progress: ProgressFn):
-        """(info, tissue mask, level-0 size); sets the thumbnail, the outlined thumbnail and the outline layer."""
+    def _switch_slide(self, session: SlideSession, path: Path, mpp: float | None) -> None:
+        """Forget another slide this session had open, and open ``path`` in the viewer unless it is there."""
+        if session.slide is not None and session.slide.source_path is not None \
+                and Path(session.slide.source_path) != path:
+            session.clear_slide()
+        viewer = self.tiles.for_session(session.session_id)
+        if viewer is None or viewer.path != path.resolve():
+            self.open_viewer(session, path, mpp)
+
+    def _tile(self, session: SlideSession, path: Path, mpp: float | None, on_progress: ProgressFn) -> TiledSlide:
+        """Tissue (thumbnail, outline, outline layer) and the encoder's patch grid (grid layer) of ``path``."""
         from PIL import Image
 
         from slidechat.slide.reader import SlideReader
         from slidechat.slide.tissue import detect_tissue
 
+        session.tiled = None
         on_progress("tissue", 0, 1)
         with SlideReader(path, mpp=mpp) as reader:
             info = reader.info()
@@ -210,22 +251,54 @@ class ChatService:
                 _ = reader.mpp  # raises MissingMppError with what to do
             tissue = detect_tissue(reader, thumbnail_size=self.config.thumbnail_size)
             level0 = tuple(int(v) for v in reader.dimensions)
-        on_progress("tissue", 1, 1)
+            on_progress("tissue", 1, 1)
+            coords, patch0 = self._encoder_grid(reader, tissue)
+        if coords is not None:
+            on_progress("tiling", 1, 1)
         thumb = Image.fromarray(tissue.thumbnail) if tissue.thumbnail is not None else None
         session.thumbnail = thumb
         session.outlined = viz.draw_tissue_outline(thumb, tissue.contours, level0) if thumb is not None else None
         session.level0_size = level0
         self.tiles.set_overlay(session.session_id, "tissue", overlays.tissue_outline_layer(tissue.contours, level0))
+        tiled = TiledSlide(path.resolve(), mpp, info, tissue, level0, coords, patch0)
+        if coords is not None:
+            self._set_grid_layer(session, None, tiled)
         session.viewer_version += 1
-        return info, tissue, level0
+        session.tiled = tiled
+        return tiled
 
-    def _set_grid_layer(self, session: SlideSession, encoded: Any) -> None:
-        coords = getattr(encoded.features, "coords", None)
-        if coords is None or not len(coords):
+    def _encoder_grid(self, reader: Any, tissue: Any) -> tuple[Any, float | None]:
+        """(coords, level-0 patch size) of the grid the checkpoint's patch encoder reads (the same settings as
+        ``encode_slide``), or (None, None) when the checkpoint has no patch encoder."""
+        ref = getattr(getattr(self.assistant, "config", None), "patch_encoder", None)
+        if ref is None:
+            return None, None
+        from slidechat.slide.config import TissueConfig
+        from slidechat.slide.tiling import make_tile_grid
+
+        defaults = TissueConfig()
+        grid = make_tile_grid(reader, tissue, ref.target_mpp, ref.patch_size, min_tissue=defaults.min_tissue,
+                              keep_best=defaults.keep_best)
+        return grid.coords, float(grid.patch_size_level0)
+
+    def _set_grid_layer(self, session: SlideSession, encoded: Any, tiled: TiledSlide | None) -> None:
+        """The grid layer from the encoded features' coords (or from the tiling alone when ``encoded`` is None);
+        left as it is when the features lie on the grid already shown."""
+        import numpy as np
+
+        if encoded is not None:
+            coords, patch0 = getattr(encoded.features, "coords", None), encoded.patch_size_level0
+            if tiled is not None and tiled.coords is not None and coords is not None \
+                    and tiled.patch_size_level0 == patch0 and np.array_equal(tiled.coords, coords):
+                return
+        else:
+            coords, patch0 = tiled.coords, tiled.patch_size_level0
+        if coords is None or not len(coords) or not patch0:
             return
         try:
-            layer = overlays.patch_grid_layer(coords, float(encoded.patch_size_level0), session.level0_size[0])
+            layer = overlays.patch_grid_layer(coords, float(patch0), session.level0_size[0])
             self.tiles.set_overlay(session.session_id, "grid", layer)
+            session.viewer_version += 1
         except Exception:  # a missing layer is shown as missing; the slide stays usable
             log.exception("patch grid layer failed")
 
@@ -319,7 +392,8 @@ class ChatService:
         width = max(1, slide.zoom.width)
         layers = {}
         for name, layer in slide.overlays.items():
-            layers[name] = {"url": f"{slide.base_url}/overlay/{name}.png?v={v}", "width": layer.width_fraction}
+            layers[name] = {"url": f"{slide.base_url}/overlay/{name}.png?v={v}", "x": layer.x_fraction,
+                            "y": layer.y_fraction, "width": layer.width_fraction, "height": layer.height_fraction}
         return {
             "dzi": f"{slide.base_url}/slide.dzi", "width": width, "height": slide.zoom.height, "mpp": slide.mpp,
             "overlays": layers, "version": v,

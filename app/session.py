@@ -36,6 +36,7 @@ class SlideSession:
     session_id: str
     workdir: Path
     slide: Any = None  # EncodedSlide
+    tiled: Any = None  # service.TiledSlide: tissue + patch grid of the slide being opened (before encoding)
     conversation: Any = None  # Conversation
     source_name: str = ""  # the file name the user uploaded / picked
     thumbnail: Any = None  # PIL.Image (plain)
@@ -76,7 +77,7 @@ class SlideSession:
 
     def clear_slide(self) -> None:
         """Forget the slide and everything derived from it (files in workdir are removed)."""
-        self.slide = self.conversation = self.thumbnail = self.outlined = None
+        self.slide = self.tiled = self.conversation = self.thumbnail = self.outlined = None
         self.heatmap = self.report = None
         self.heatmap_error = self.evidence_error = self.region = None
         self.evidence = []

@@ -60,6 +60,8 @@ CSS = """
                        font: bold 0.8rem/1.3 system-ui; padding: 0 5px; border-radius: 3px;}
 .sc-region-box {border: 2px dashed #4f46e5; background: rgba(79,70,229,0.12); box-sizing: border-box;
                 pointer-events: none;}
+.sc-pixel-layer {image-rendering: pixelated; pointer-events: none; user-select: none;
+                 max-width: none !important; max-height: none !important; display: block;}
 #sc-evidence .sc-evidence-row {display: flex; flex-wrap: wrap; gap: 0.5rem;}
 .sc-evidence-title {font-size: 0.85rem; margin-bottom: 0.3rem;}
 #sc-evidence .sc-crop {margin: 0; width: 130px; cursor: pointer; border: 1px solid var(--border-color-primary);
@@ -83,6 +85,14 @@ VIEWER_HTML = """<div id="sc-viewer-wrap"><div class="sc-toolbar">
 <div style="position:relative"><div id="sc-osd"></div><div id="sc-osd-empty">Open a slide to view it here.</div>
 <div id="sc-scalebar"><div class="sc-scalebar-label"></div><div class="sc-scalebar-line"></div></div></div></div>"""
 
+
+# The ask event's first step, in the page: the region the handler receives is the one the viewer holds (drawn,
+# "this view", typed, or emptied by "Whole slide"), read at the moment of asking rather than whatever copy of the
+# region field Gradio last synced.
+ASK_JS = """(question, show, alpha, region) => {
+  const viewer = window.SlideChatViewer;
+  return [question, show, alpha, viewer && viewer.regionForAsk ? viewer.regionForAsk(region) : region];
+}"""
 
 
 def _status(kind: str, text: str) -> str:
@@ -172,24 +182,37 @@ class Handlers:
         session = self.session(request)
         if not pending:
             if session.slide is None:  # the upload failed and the old slide is closed: so are its panels
-                return (gr.skip(), None, "", [], gr.skip(), gr.update(value=None, visible=False),
-                        gr.update(value=None, visible=False), gr.update(value=None, interactive=False), gr.skip(),
-                        "", "", None)
-            return (gr.skip(),) * 11 + (None,)
-        return self._open(session, Path(pending), Path(pending).name, mpp, show, alpha, progress) + (None,)
+                yield (gr.skip(), None, "", [], gr.skip(), gr.update(value=None, visible=False),
+                       gr.update(value=None, visible=False), gr.update(value=None, interactive=False), gr.skip(),
+                       "", "", None)
+            else:
+                yield (gr.skip(),) * 11 + (None,)
+            return
+        for outputs, done in self._open(session, Path(pending), Path(pending).name, mpp, show, alpha, progress):
+            yield outputs + ((None,) if done else (gr.skip(),))
 
     def open_example(self, label: str | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
                      progress=gr.Progress()):
         session = self.session(request)
         if not label or label not in self.examples:
-            return (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 10
-        return self._open(session, self.examples[label], label, mpp, show, alpha, progress)
+            yield (_status("error", "Pick an example slide first."),) + (gr.skip(),) * 10
+            return
+        for outputs, _ in self._open(session, self.examples[label], label, mpp, show, alpha, progress):
+            yield outputs
 
     def _open(self, session: SlideSession, path: Path, name: str, mpp: float | None, show: bool, alpha: float,
               progress: Any):
+        """Yields (outputs, done): once the slide is tiled (outline and patch grid in the viewer, encoding
+        still to come), then once it is open or has failed."""
+        report = _progress_callback(progress)
         try:
-            summary = self.service.open_slide(session, path, display_name=name, mpp=mpp or None,
-                                              progress=_progress_callback(progress))
+            n = self.service.tile_slide(session, path, display_name=name, mpp=mpp or None, progress=report)
+            if n is not None:
+                status = _status("info", f"{name}: {n} tissue patches on the patch grid (tick “patch grid” to see "
+                                         "them); encoding them…")
+                yield ((status, self.service.slide_image(session, show, alpha)) + (gr.skip(),) * 6
+                       + (self.viewer(session), gr.skip(), gr.skip())), False
+            summary = self.service.open_slide(session, path, display_name=name, mpp=mpp or None, progress=report)
             how = "features reused from the cache" if summary.cached else f"encoded in {summary.seconds:.1f} s"
             status = _status("ok", f"Opened {name}: {summary.num_patches} tissue patches ({how}). "
                                    "Ask a question below.")
@@ -202,9 +225,9 @@ class Handlers:
             log.exception("opening %s failed", name)
             status = _status("error", user_message(exc))
         image = self.service.slide_image(session, show, alpha)
-        return (status, image, _facts_markdown(session.info), list(session.transcript), "",
-                gr.update(value=None, visible=False), gr.update(value=None, visible=False),
-                gr.update(value=None, interactive=False), self.viewer(session), "", "")
+        yield (status, image, _facts_markdown(session.info), list(session.transcript), "",
+               gr.update(value=None, visible=False), gr.update(value=None, visible=False),
+               gr.update(value=None, interactive=False), self.viewer(session), "", ""), True
 
     # ---- chat
     def ask(self, question: str, show: bool, alpha: float, region: str, request: gr.Request):
@@ -236,7 +259,8 @@ class Handlers:
 
     def _answered(self, session: SlideSession, show: bool, alpha: float):
         """The final update after an answer: the answer stays; a failed later step says so in its own place."""
-        where = "the region you drew" if session.region else "the slide"
+        box = session.region
+        where = f"the region {box[0]},{box[1]} {box[2]}×{box[3]} px" if box else "the whole slide"
         text = f"Answered from {where}. The heatmap and numbered boxes show where the model looked."
         if session.heatmap_error:
             text = f"Answered from {where}. ({session.heatmap_error}.)"
@@ -372,7 +396,8 @@ def _wire_chat(c: dict[str, Any], h: Handlers, model: dict) -> None:
     ask_outputs = [c[k] for k in ("chatbot", "question", "image", "status", "download_conv", "viewer_state",
                                   "evidence")]
     ask_args = dict(fn=h.ask, inputs=[c["question"], c["show_heatmap"], c["alpha"], c["region"]],
-                    outputs=ask_outputs, show_progress="minimal", show_progress_on=[c["chatbot"]], **model)
+                    outputs=ask_outputs, show_progress="minimal", show_progress_on=[c["chatbot"]], js=ASK_JS,
+                    **model)
     c["question"].submit(api_name="ask", **ask_args)
     c["send"].click(api_name=False, **ask_args)
     for btn, q in zip(c["suggestions"], SUGGESTED_QUESTIONS):

@@ -1,10 +1,13 @@
 // SlideChat deep-zoom viewer: OpenSeadragon over the app's own Deep Zoom tiles, with layers (tissue outline,
 // attention heatmap, patch grid), a scale bar in µm, numbered evidence boxes, and rectangle selection for
 // region questions. The page's state comes from the JSON in #sc-viewer-state [data-state] (written by the
-// server after each step); the viewer polls it, so it works with any Gradio update path.
+// server after each step); the viewer polls it, so it works with any Gradio update path. A drawn region goes
+// the other way through the ask event itself: its js step calls S.regionForAsk, whose answer is the value
+// the Python handler receives.
 (function () {
   "use strict";
-  const S = (window.SlideChatViewer = { viewer: null, state: null, key: "", layers: {}, drawing: false, tiles: 0 });
+  const S = (window.SlideChatViewer = { viewer: null, state: null, key: "", layers: {}, drawing: false, tiles: 0,
+                                        region: null, boxes: [] });
 
   function $(sel) { return document.querySelector(sel); }
 
@@ -12,17 +15,6 @@
     const el = $("#sc-viewer-state [data-state]");
     if (!el) return null;
     try { return JSON.parse(el.getAttribute("data-state")); } catch (e) { return null; }
-  }
-
-  function setTextbox(id, value) {
-    const el = document.querySelector("#" + id + " textarea, #" + id + " input");
-    if (!el) return;
-    el.focus();
-    const proto = el.tagName === "TEXTAREA" ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;
-    Object.getOwnPropertyDescriptor(proto, "value").set.call(el, value);
-    el.dispatchEvent(new Event("input", { bubbles: true }));
-    el.dispatchEvent(new Event("change", { bubbles: true }));
-    el.blur();
   }
 
   function ensureViewer(container) {
@@ -64,7 +56,7 @@
     S.layers[name] = { url: want, item: null };
     v.addTiledImage({
       tileSource: { type: "image", url: want, buildPyramid: false },
-      x: 0, y: 0, width: spec.width, opacity: alpha, index: v.world.getItemCount(),
+      x: spec.x || 0, y: spec.y || 0, width: spec.width, opacity: alpha, index: v.world.getItemCount(),
       success: function (ev) {
         const cur = S.layers[name];
         if (cur && cur.url === want) { cur.item = ev.item; ev.item.setOpacity(alpha); }
@@ -75,11 +67,41 @@
     });
   }
 
+  // A layer of one pixel per patch, shown as an <img> overlay scaled without smoothing (CSS pixelated): every
+  // patch is a crisp square on the patch grid at any zoom (the canvas drawer would blend neighbouring patches).
+  function setPixelLayer(name, spec, visible, alpha) {
+    const v = S.viewer, old = S.layers[name];
+    const want = spec && visible ? spec.url : null;
+    if (old && old.url === want) { old.item.style.opacity = String(alpha); return; }
+    if (old && old.item) v.removeOverlay(old.item);
+    delete S.layers[name];
+    if (!want) return;
+    const img = document.createElement("img");
+    img.className = "sc-pixel-layer";
+    img.id = "sc-overlay-" + name;
+    img.alt = "";
+    img.draggable = false;
+    img.style.opacity = String(alpha);
+    img.src = want;
+    S.layers[name] = { url: want, item: img, loaded: false };
+    img.addEventListener("load", function () {
+      const cur = S.layers[name];
+      if (cur && cur.item === img) cur.loaded = true;
+    });
+    // below the evidence and region boxes: the first overlay in the container
+    v.addOverlay({ element: img,
+                   location: new OpenSeadragon.Rect(spec.x || 0, spec.y || 0, spec.width, spec.height || spec.width) });
+    const parent = img.parentNode;
+    if (parent && parent.parentNode && parent.parentNode.firstChild !== parent) {
+      parent.parentNode.insertBefore(parent, parent.parentNode.firstChild);
+    }
+  }
+
   function applyLayers() {
     const st = S.state;
     if (!S.viewer || !st || !S.viewer.world.getItemCount()) return;
     const ov = st.overlays || {};
-    setLayer("heatmap", ov.heatmap, layerOn("heatmap"), opacity());
+    setPixelLayer("heatmap", ov.heatmap, layerOn("heatmap"), opacity());
     setLayer("tissue", ov.tissue, layerOn("tissue"), 1.0);
     setLayer("grid", ov.grid, layerOn("grid"), 0.8);
     const note = $("#sc-layer-note");
@@ -104,24 +126,31 @@
   }
 
   // ---- evidence boxes -------------------------------------------------------------------------------
+  function addBox(className, box, html) {
+    const v = S.viewer, item = v.world.getItemAt(0);
+    const el = document.createElement("div");
+    el.className = className;
+    if (html) el.innerHTML = html;
+    v.addOverlay({ element: el, location: item.imageToViewportRectangle(box[0], box[1], box[2], box[3]) });
+    S.boxes.push(el);
+    return el;
+  }
+
+  function clearBoxes() {
+    S.boxes.forEach(function (el) { S.viewer.removeOverlay(el); });
+    S.boxes = [];
+  }
+
   function drawEvidence() {
     const v = S.viewer, st = S.state;
     if (!v || !v.world.getItemCount()) return;
-    v.clearOverlays();
-    const item = v.world.getItemAt(0);
+    clearBoxes();
     (st && st.evidence || []).forEach(function (r) {
-      const el = document.createElement("div");
-      el.className = "sc-evidence-box";
-      el.setAttribute("data-rank", r.rank);
-      el.innerHTML = "<span>" + r.rank + "</span>";
-      v.addOverlay({ element: el, location: item.imageToViewportRectangle(r.box[0], r.box[1], r.box[2], r.box[3]) });
+      addBox("sc-evidence-box", r.box, "<span>" + r.rank + "</span>").setAttribute("data-rank", r.rank);
     });
-    if (st && st.region) {
-      const el = document.createElement("div");
-      el.className = "sc-region-box";
-      const b = st.region;
-      v.addOverlay({ element: el, location: item.imageToViewportRectangle(b[0], b[1], b[2], b[3]) });
-    }
+    const pending = S.region && S.region.join(",") !== (st && st.region || []).join(",") ? S.region : null;
+    if (st && st.region) addBox("sc-region-box sc-region-answered", st.region);
+    if (pending) addBox("sc-region-box sc-region-pending", pending);
   }
 
   S.flyTo = function (box) {
@@ -158,18 +187,45 @@
       const a = item.viewportToImageCoordinates(Math.min(start.x, p.x), Math.min(start.y, p.y));
       const b = item.viewportToImageCoordinates(Math.max(start.x, p.x), Math.max(start.y, p.y));
       start = null;
+      v.removeOverlay(el);
+      el = null;
       setDrawing(false);
       setRegion(a.x, a.y, b.x - a.x, b.y - a.y);
     });
   }
 
-  function setRegion(x, y, w, h) {
+  // The level-0 box (x, y, w, h) of an image rectangle, clipped to the slide; null when nothing is left.
+  S.clipBox = function (x, y, w, h) {
     const st = S.state || {};
     const x0 = Math.max(0, Math.round(x)), y0 = Math.max(0, Math.round(y));
     const x1 = Math.min(st.width || x + w, Math.round(x + w)), y1 = Math.min(st.height || y + h, Math.round(y + h));
-    if (x1 - x0 < 1 || y1 - y0 < 1) return;
-    setTextbox("sc-region", [x0, y0, x1 - x0, y1 - y0].join(","));
+    if (x1 - x0 < 1 || y1 - y0 < 1) return null;
+    return [x0, y0, x1 - x0, y1 - y0];
+  };
+
+  function regionField() { return document.querySelector("#sc-region textarea, #sc-region input"); }
+
+  function setRegion(x, y, w, h) {
+    const box = S.clipBox(x, y, w, h);
+    if (!box) return;
+    S.region = box;
+    const el = regionField();
+    if (el) {  // shown to the user (and editable); the ask event reads it back through S.regionForAsk
+      const proto = el.tagName === "TEXTAREA" ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;
+      Object.getOwnPropertyDescriptor(proto, "value").set.call(el, box.join(","));
+      el.dispatchEvent(new Event("input", { bubbles: true }));
+    }
+    drawEvidence();
   }
+
+  // The region the ask event sends: the field as the user sees it (drawn, "this view", typed or emptied by
+  // "Whole slide"), whatever Gradio's copy of the field holds at that moment.
+  S.regionForAsk = function (given) {
+    const el = regionField();
+    const text = (el ? el.value : given || "").trim();
+    S.region = /^\d+,\d+,\d+,\d+$/.test(text) ? text.split(",").map(Number) : null;
+    return text;
+  };
 
   function setDrawing(on) {
     S.drawing = on;
@@ -178,12 +234,16 @@
     // canvas-drag handlers cancel panning while drawing (disabling mouse navigation would also stop them)
   }
 
-  S.viewRegion = function () {
+  S.viewBox = function () {
     const v = S.viewer;
-    if (!v || !v.world.getItemCount()) return;
-    const b = v.viewport.getBounds(true), item = v.world.getItemAt(0);
-    const r = item.viewportToImageRectangle(b);
-    setRegion(r.x, r.y, r.width, r.height);
+    if (!v || !v.world.getItemCount()) return null;
+    const r = v.world.getItemAt(0).viewportToImageRectangle(v.viewport.getBounds(true));
+    return S.clipBox(r.x, r.y, r.width, r.height);
+  };
+
+  S.viewRegion = function () {
+    const box = S.viewBox();
+    if (box) setRegion(box[0], box[1], box[2], box[3]);
   };
 
   // ---- wiring ---------------------------------------------------------------------------------------
@@ -211,13 +271,17 @@
       S.state = st;
       const empty = $("#sc-osd-empty");
       if (!st || !st.dzi) {
-        if (S.viewer) S.viewer.close();
-        S.layers = {};
+        if (S.viewer) { S.viewer.clearOverlays(); S.viewer.close(); }
+        S.layers = {}; S.boxes = []; S.region = null;
         if (empty) empty.style.display = "flex";
       } else {
         if (empty) empty.style.display = "none";
         const v = ensureViewer(container);
-        if (!prev || prev.dzi !== st.dzi || !v.world.getItemCount()) { S.layers = {}; v.open(st.dzi); }
+        if (!prev || prev.dzi !== st.dzi || !v.world.getItemCount()) {
+          v.clearOverlays();
+          S.layers = {}; S.boxes = []; S.region = null;
+          v.open(st.dzi);
+        }
         else { applyLayers(); drawEvidence(); updateScaleBar(); }
       }
     }
