@@ -80,6 +80,7 @@ def load_timm_encoder(
     wpath = Path(weights) if weights is not None else None
     if wpath is None and require_weights:
         raise CheckpointError(f"encoder {name or arch!r} needs local weights: pass --weights PATH")
+    weights_file = find_weights_file(wpath) if wpath is not None else None  # before building a large model
     cfg = _read_config(wpath)
     arch = cfg.get("architecture", arch)
     args = {**(model_args or {}), **cfg.get("model_args", {})}
@@ -89,7 +90,7 @@ def load_timm_encoder(
     except Exception as exc:
         raise CheckpointError(f"timm cannot build {arch!r} ({type(exc).__name__}: {exc})") from exc
     if wpath is not None:
-        state = load_state_dict_file(find_weights_file(wpath))
+        state = load_state_dict_file(weights_file)
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)

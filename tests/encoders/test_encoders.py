@@ -256,9 +256,10 @@ def test_uni2_and_gigapath_layouts_from_local_folders(tmp_path):
     x = enc.transform_batch(_patches(2, 32))
     with torch.inference_mode():
         assert torch.allclose(enc(x), ref(x), atol=1e-4)
-    # UNI2-h weights into the GigaPath architecture: a clear error
+    # UNI2-h weights in a GigaPath folder: a clear error
+    (tmp_path / "giga" / "model.safetensors").write_bytes((tmp_path / "uni2" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="do not fit"):
-        load_encoder("gigapath", tmp_path / "uni2" / "model.safetensors")
+        load_encoder("gigapath", tmp_path / "giga")
 
 
 def test_importing_the_registry_does_not_import_torch():
