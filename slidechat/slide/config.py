@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,29 +43,40 @@ def _range_text(name: str) -> str:
 
 
 def check_option(name: str, value: Any) -> int | float:
-    """``value`` as the option's type, or ConfigError naming the option (its CLI flag) and the allowed range."""
+    """``value`` (a number, not a bool or text) as the option's type, or ConfigError naming the option (its CLI
+    flag) and the allowed range. NaN, infinities and, for integer options, fractions are rejected."""
     lo, hi, integer, flag = OPTION_RANGES[name]
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    kind = "" if isinstance(value, numbers.Real) and not isinstance(value, bool) else f" ({type(value).__name__})"
+    bad = ConfigError(f"{flag} must be {_range_text(name)}, got {shown}{kind}")
+    if kind:
+        raise bad
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{flag} must be {_range_text(name)}, got {value!r}") from None
-    if integer and (isinstance(value, bool) or number != int(number)):
-        raise ConfigError(f"{flag} must be {_range_text(name)}, got {value!r}")
-    if not lo <= number <= hi:  # also rejects NaN
-        raise ConfigError(f"{flag} must be {_range_text(name)}, got {value!r}")
+    except (TypeError, ValueError, OverflowError):  # an int too large for a float
+        raise bad from None
+    if not math.isfinite(number) or not lo <= number <= hi or (integer and not number.is_integer()):
+        raise bad
     return int(number) if integer else number
 
 
 def option_type(name: str) -> Callable[[str], int | float]:
-    """An argparse ``type=`` function for option ``name`` that applies ``check_option`` at parse time."""
+    """An argparse ``type=`` function for option ``name`` that reads the text as a number and applies
+    ``check_option`` at parse time."""
 
     def parse(text: str) -> int | float:
         try:
-            return check_option(name, text)
-        except ConfigError:
+            return check_option(name, float(text))
+        except (ConfigError, ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"must be {_range_text(name)}, got {text!r}") from None
 
     return parse
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"tissue option {name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,10 @@ class TissueConfig:
     keep_best: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in TISSUE_METHODS:
+        if not isinstance(self.method, str) or self.method not in TISSUE_METHODS:
             raise ConfigError(f"--tissue-method must be one of {', '.join(TISSUE_METHODS)}, got {self.method!r}")
+        _check_flag("exclude_pen", self.exclude_pen)
+        _check_flag("keep_best", self.keep_best)
         if self.threshold is not None:
             object.__setattr__(self, "threshold", check_option("threshold", self.threshold))
         object.__setattr__(self, "min_tissue", check_option("min_tissue", self.min_tissue))
@@ -114,9 +129,10 @@ class ExtractionConfig:
             object.__setattr__(self, name, check_option(name, getattr(self, name)))
         if self.mpp is not None:
             object.__setattr__(self, "mpp", check_option("mpp", self.mpp))
-        if self.reader_mode not in READER_MODES:
+        if not isinstance(self.reader_mode, str) or self.reader_mode not in READER_MODES:
             raise ConfigError(f"--reader must be one of {', '.join(READER_MODES)}, got {self.reader_mode!r}")
         if isinstance(self.tissue, dict):
+            _check_known(self.tissue, TissueConfig, "tissue option")
             object.__setattr__(self, "tissue", TissueConfig(**self.tissue))
         elif not isinstance(self.tissue, TissueConfig):
             raise ConfigError(f"tissue must be a TissueConfig, got {type(self.tissue).__name__}")
@@ -124,7 +140,9 @@ class ExtractionConfig:
     def replace(self, **changes: Any) -> "ExtractionConfig":
         """A copy with ``changes`` applied (and validated); ``tissue_<field>`` keys change tissue fields."""
         tissue = {k.removeprefix("tissue_"): changes.pop(k) for k in list(changes) if k.startswith("tissue_")}
+        _check_known(changes, type(self), "extraction option")
         if tissue:
+            _check_known(tissue, TissueConfig, "tissue option")
             changes["tissue"] = dataclasses.replace(changes.get("tissue", self.tissue), **tissue)
         return dataclasses.replace(self, **changes)
 
@@ -133,11 +151,10 @@ class ExtractionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ExtractionConfig":
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"extraction options must be a mapping, got {type(data).__name__}")
         data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown extraction option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        _check_known(data, cls, "extraction option")
         return cls(**data)
 
     @classmethod
@@ -148,6 +165,13 @@ class ExtractionConfig:
                               thumbnail_size=getattr(args, "thumbnail_size", TissueConfig.thumbnail_size))
         return cls(target_mpp=args.target_mpp, patch_size=args.patch_size, batch_size=args.batch_size,
                    num_workers=args.num_workers, reader_mode=args.reader, mpp=args.mpp, tissue=tissue)
+
+
+def _check_known(options: dict, cls: type, what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(options) - known))
+    if unknown:
+        raise ConfigError(f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser, *, with_mpp: bool = True) -> None:
