@@ -40,7 +40,8 @@ def build_dataset(recipe: StageRecipe, model, skips: SkipCounter) -> SlideConver
                               multi_turn=cfg.multi_turn)
         samples.extend(loaded * src.repeat)
     dataset = SlideConversationDataset(
-        samples, lambda msgs: model_hooks.tokenize(model, msgs), FeatureResolver(cfg.features_dir),
+        samples, lambda msgs, num_slides=1: model_hooks.tokenize(model, msgs, num_slides),
+        FeatureResolver(cfg.features_dir),
         max_length=cfg.max_length, extra_tokens=model_hooks.extra_slide_tokens(model),
         max_patches=cfg.max_patches, seed=recipe.train.seed, skips=skips, grounding_dir=cfg.grounding_dir)
     if len(dataset) == 0:

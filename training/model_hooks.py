@@ -84,8 +84,8 @@ def enable_gradient_checkpointing(model) -> None:
     base.config.use_cache = False
 
 
-def tokenize(model, messages: list[dict[str, str]]) -> dict:
-    return model.tokenize_conversation(messages)
+def tokenize(model, messages: list[dict[str, str]], num_slides: int = 1) -> dict:
+    return model.tokenize_conversation(messages, num_slides=num_slides)
 
 
 def extra_slide_tokens(model) -> int:

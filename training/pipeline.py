@@ -78,6 +78,7 @@ class _Run:
         self.summary: dict = json.loads(self.summary_path.read_text()) if resume and self.summary_path.exists() else {}
         self.summary.setdefault("steps", {})
         self.synth_dir = self.out / "synth"
+        self.cases_dir = self.out / "synth_cases"
         self.cnn_path = self.out / "patch_cnn.safetensors"
         self.features_dir = self.out / "features"
         self.embed_dim: int | None = None
@@ -107,6 +108,23 @@ def _synth_step(run: _Run) -> None:
     run.record("synth", {"n": step.n, "seed": step.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
 
 
+def _cases_step(run: _Run) -> None:
+    step = run.recipe.cases
+    marker = run.cases_dir / "dataset.json"
+    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("seed", "n_cases")} == {
+            "seed": step.seed, "n_cases": step.n_cases}:
+        log.info("[pipeline] cases: %s already complete", run.cases_dir)
+        return
+    from slidechat.synth.cases import generate_case_dataset
+
+    t = time.perf_counter()
+    log.info("[pipeline] cases: %d cases of %d-%d %s slides, seed %d", step.n_cases, step.min_slides,
+             step.max_slides, step.size, step.seed)
+    generate_case_dataset(run.cases_dir, step.n_cases, seed=step.seed, size=step.size, min_slides=step.min_slides,
+                          max_slides=step.max_slides)
+    run.record("cases", {"n_cases": step.n_cases, "seed": step.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
+
+
 def _patch_cnn_step(run: _Run) -> None:
     from slidechat.training.patch_cnn import train_patch_cnn
 
@@ -129,17 +147,25 @@ def _extract_step(run: _Run) -> None:
     t = time.perf_counter()
     encoder = load_encoder("demo-cnn", weights=str(run.cnn) if run.cnn else None)
     run.embed_dim = int(encoder.embed_dim)
-    summary = extract_many([str(run.synth_dir / "slides")], encoder, run.features_dir, run.recipe.extract)
+    folders = [d / "slides" for d in (run.synth_dir, run.cases_dir) if (d / "slides").is_dir()]
+    summary = extract_many([str(d) for d in folders], encoder, run.features_dir, run.recipe.extract)
     if summary.written or "extract" not in run.summary["steps"]:  # a resume that only skipped keeps the first timing
         run.record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary)})
 
 
 def _data_step(run: _Run) -> None:
-    from slidechat.training.synth_data import build_demo_instructions, write_grounding_targets
+    from slidechat.training.synth_data import (build_case_instructions, build_demo_instructions,
+                                               write_grounding_targets)
 
-    counts = build_demo_instructions(run.synth_dir, run.out / "data" / "instructions.json", **run.recipe.demo_data)
-    n_targets = write_grounding_targets(run.synth_dir, run.features_dir, run.out / "grounding")
-    run.record("data", {"samples": counts, "grounding_targets": n_targets})
+    info: dict = {}
+    if run.recipe.synth is not None:
+        info["samples"] = build_demo_instructions(run.synth_dir, run.out / "data" / "instructions.json",
+                                                  **run.recipe.demo_data)
+        info["grounding_targets"] = write_grounding_targets(run.synth_dir, run.features_dir, run.out / "grounding")
+    if run.recipe.cases is not None:
+        info["case_samples"] = build_case_instructions(run.cases_dir, run.out / "data" / "case_instructions.json",
+                                                       **run.recipe.case_data)
+    run.record("data", info)
 
 
 def _slide_pretrain_step(run: _Run) -> None:
@@ -217,6 +243,18 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> 
                                            cache_dir=str(out_dir / "feature-cache"), progress=False))
     summary = {"checkpoint": str(checkpoint), "eval_seed": step.seed, "slides": len(list(
         (synth_dir / "slides").iterdir())) if (synth_dir / "slides").is_dir() else None, **evaluation_summary(results)}
+    if step.cases > 0:
+        from slidechat.synth.cases import generate_case_dataset
+
+        case_dir = out_dir / f"cases-seed{step.seed}"
+        if not (case_dir / "dataset.json").exists():
+            generate_case_dataset(case_dir, step.cases, seed=step.seed, size=step.size)
+        bench = case_dir / "case_closed_vqa.csv"
+        case_results = run_evaluation(EvalRunConfig(
+            checkpoint=str(checkpoint), data=str(bench), slides_dir=str(case_dir / "slides"),
+            out_dir=str(out_dir / "case_run"), tasks=["closed_vqa"], mcq_max_new_tokens=step.max_new_tokens,
+            cache_dir=str(out_dir / "feature-cache"), progress=False))
+        summary["cases"] = {"n_cases": step.cases, **evaluation_summary(case_results)}
     log.info("[pipeline] evaluation: %s", json.dumps(summary))
     return summary
 
@@ -229,11 +267,13 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False) -> dict:
     t_all = time.perf_counter()
     if recipe.synth is not None:
         _synth_step(run)
+    if recipe.cases is not None:
+        _cases_step(run)
     if recipe.patch_cnn is not None:
         _patch_cnn_step(run)
     if recipe.extract is not None:
         _extract_step(run)
-    if recipe.synth is not None:
+    if recipe.synth is not None or recipe.cases is not None:
         _data_step(run)
     if recipe.slide_pretrain is not None and recipe.stages:
         _slide_pretrain_step(run)

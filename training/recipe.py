@@ -95,6 +95,19 @@ class SynthStep:
 
 
 @dataclass
+class CaseSynthStep:
+    """SynthSlide cases (``slidechat.synth.cases``) written to ``<out>/synth_cases``; their slides are extracted with
+    the others and ``case_data`` (``training.synth_data.build_case_instructions`` options) builds
+    ``<out>/data/case_instructions.json``."""
+
+    n_cases: int = 16
+    seed: int = 4321
+    size: str = "tiny"
+    min_slides: int = 2
+    max_slides: int = 4
+
+
+@dataclass
 class EvaluateStep:
     """The pipeline's last step: ``slidechat eval run`` (closed VQA per category + pointing game) on a fresh
     SynthSlide set (a seed training never saw), generated in ``<out>/eval/synth-seed<seed>`` unless ``synth_dir``."""
@@ -106,6 +119,7 @@ class EvaluateStep:
     max_new_tokens: int = 16                # closed-VQA answer length
     tasks: list[str] = field(default_factory=lambda: ["closed_vqa", "grounding"])
     limit: int | None = None                # at most this many items per task (smoke runs)
+    cases: int = 0                          # > 0: also a fresh case set of this many cases (case closed VQA)
 
 
 @dataclass
@@ -120,6 +134,8 @@ class PipelineRecipe:
     stages: list[StageRecipe] = field(default_factory=list)
     slide_pretrain: SlidePretrainConfig | None = None  # before stage 1
     demo_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_demo_instructions options
+    cases: CaseSynthStep | None = None
+    case_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_case_instructions options
     export: str | None = None
     evaluate: EvaluateStep | None = None
     threads: int | None = None

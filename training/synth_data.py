@@ -103,10 +103,11 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
 
 
 def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[dict]:
-    """Group single-turn records of the same slide into conversations of up to ``turns`` question/answer pairs."""
-    by_slide: dict[str, list[dict]] = {}
+    """Group single-turn records of the same slide (or the same case's slides) into conversations of up to
+    ``turns`` question/answer pairs."""
+    by_slide: dict[tuple[str, ...], list[dict]] = {}
     for r in records:
-        by_slide.setdefault(r["image"][0], []).append(r)
+        by_slide.setdefault(tuple(r["image"]), []).append(r)
     rng = np.random.default_rng([seed, 3])
     out = []
     for image, recs in by_slide.items():
@@ -117,8 +118,57 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
             for k, r in enumerate(group):
                 q = r["conversations"][0]["value"].replace("<image>\n", "")
                 conv += [{"from": "human", "value": ("<image>\n" + q) if k == 0 else q}, r["conversations"][1]]
-            out.append({"id": f"{group[0]['id']}+{len(group) - 1}", "image": [image], "conversations": conv})
+            out.append({"id": f"{group[0]['id']}+{len(group) - 1}", "image": list(image), "conversations": conv})
     return out
+
+
+def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 3,
+                            sentence_turns: bool = True, replay_mcq_rounds: int = 1, seed: int = 0,
+                            turns_per_conversation: int = 6) -> dict:
+    """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
+
+    Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)"),
+    the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
+    and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of the single-slide questions
+    and the report questions of every slide in the folder (``build_demo_instructions``).
+    """
+    from slidechat.synth.cases import case_closed_questions
+
+    case_dir = Path(case_dir)
+    truths = read_jsonl(case_dir / "case_truth.jsonl")
+    records: list[dict] = []
+    counts = {"case_mcq": 0, "case_sentences": 0}
+
+    def add(rid: str, images: list[str], question: str, answer: str) -> None:
+        records.append({"id": rid, "image": images, "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+
+    for c, t in enumerate(truths):
+        images = [f"{sid}.tiff" for sid in t["slide_ids"]]
+        for r in range(mcq_rounds):
+            rng = np.random.default_rng([seed, c, r, 29])
+            for k, q in enumerate(case_closed_questions(t, rng)):
+                add(f"{t['case_id']}-mcq{r}-{k}", images, format_mcq(q["question"], q["options"]),
+                    mcq_answer(q["options"], q["answer"]))
+                counts["case_mcq"] += 1
+    if sentence_turns:
+        for rec in json.loads((case_dir / "case_instructions.json").read_text()):
+            conv = rec["conversations"]
+            for k in range(0, len(conv) - 1, 2):
+                add(f"{rec['id']}-{k // 2}", rec["image"], conv[k]["value"], conv[k + 1]["value"])
+                counts["case_sentences"] += 1
+    records = pack_conversations(records, turns_per_conversation, seed)
+    if replay_mcq_rounds > 0:
+        single = Path(out_path).with_name(Path(out_path).stem + ".single.json")
+        replay = build_demo_instructions(case_dir, single, mcq_rounds=replay_mcq_rounds, report_questions=True,
+                                         open_questions=False, seed=seed + 1,
+                                         turns_per_conversation=turns_per_conversation)
+        records += json.loads(single.read_text())
+        single.unlink()
+        counts.update({f"replay_{k}": v for k, v in replay.items()})
+    order = np.random.default_rng([seed, 5]).permutation(len(records))
+    write_json_atomic(Path(out_path), [records[i] for i in order], indent=None)
+    return counts
 
 
 def lesion_patch_targets(truth: dict, synth_dir: Path, coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
