@@ -152,7 +152,8 @@ class Conversation:
 
     def ask(self, question: str, stream: bool = False, max_new_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-            seed: int | None = None, region=None, slide: int | None = None) -> str | Iterator[str]:
+            seed: int | None = None, region=None, slide: int | None = None,
+            logits_processor=None) -> str | Iterator[str]:
         """Ask a question. Returns the answer, or an iterator of text pieces when ``stream=True``.
 
         Greedy decoding by default (``temperature=0``); the answer is appended to ``messages`` when it is complete
@@ -161,14 +162,17 @@ class Conversation:
         ``region=(x, y, w, h)`` (level-0 pixels) answers from the patches inside that rectangle only (slide encoder
         + projector on that subset), in a conversation of its own per region (``region_conversation``): this
         conversation's messages and key/value cache are not touched. In a case, ``slide=i`` says whose region.
+
+        ``logits_processor(generated_ids, logits) -> logits`` reshapes each step's next-token logits (constrained
+        decoding); the turn ends when it leaves no token allowed (all ``-inf``).
         """
         if not isinstance(question, str) or not question.strip():
             raise SlideChatError("the question is empty; type a question about the slide")
         if region is not None:
             return self.region_conversation(region, slide).ask(question, stream, max_new_tokens, temperature, top_p,
-                                                        repetition_penalty, seed)
+                                                        repetition_penalty, seed, logits_processor=logits_processor)
         gen = self._generate(question, max_new_tokens or self.max_new_tokens, temperature, top_p,
-                             repetition_penalty, seed)
+                             repetition_penalty, seed, logits_processor)
         return gen if stream else "".join(gen)
 
     def heatmap(self, weighting: str = "uniform", slide: int | None = None):
@@ -271,7 +275,7 @@ class Conversation:
 
     @torch.no_grad()
     def _generate(self, question: str, max_new_tokens: int, temperature: float, top_p: float,
-                  repetition_penalty: float, seed: int | None) -> Iterator[str]:
+                  repetition_penalty: float, seed: int | None, logits_processor=None) -> Iterator[str]:
         a = self.model
         with self._lock:
             self.messages.append({"role": "user", "content": question})
@@ -298,6 +302,10 @@ class Conversation:
                 logits = self._run(embeds=self._embed(new, common, full)[None])
                 self._fed = full
                 while True:
+                    if logits_processor is not None:
+                        logits = logits_processor(list(generated), logits)
+                        if not torch.isfinite(logits).any():
+                            break
                     tok = self._next_token(logits, generated, temperature, top_p, repetition_penalty, gen)
                     if tok in stops:
                         break

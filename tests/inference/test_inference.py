@@ -314,3 +314,24 @@ def test_llm_heatmap_runs_beside_other_sessions_without_touching_the_shared_mode
         out = view(inputs_embeds=busy._embed(ids, 0, ids)[None], output_attentions=True, use_cache=False)
     full = torch.stack([a[0].float().mean(0) for a in out.attentions]).mean(0)[start + t:, start:start + t].mean(0)
     assert torch.allclose(llm_attention_to_slide(busy), full, atol=1e-6)
+
+
+def test_logits_processor_constrains_every_step_and_can_end_the_turn(tiny_qformer_chat):
+    chat = tiny_qformer_chat
+    slide = SlideFeatures(features=np.random.default_rng(5).standard_normal((20, 32)).astype(np.float32), coords=None,
+                          attrs={"slide_id": "lp", "slide_sha256": "logits-processor"})
+    target = chat.processor.tokenizer("yes no", add_special_tokens=False)["input_ids"]
+    seen = []
+
+    def only_target(generated, logits):
+        seen.append(list(generated))
+        out = torch.full_like(logits, float("-inf"))
+        if len(generated) < len(target):
+            out[target[len(generated)]] = 0.0
+        return out  # all -inf after the target: the turn ends
+
+    conv = chat.chat(slide, max_new_tokens=20)
+    answer = conv.ask("Is there tumour?", logits_processor=only_target)
+    assert answer == chat.processor.decode(target).strip()
+    assert seen == [target[:i] for i in range(len(target) + 1)]
+    assert conv.messages[-1] == {"role": "assistant", "content": answer}
