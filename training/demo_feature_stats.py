@@ -29,21 +29,36 @@ REAL_SLIDE = REPO / "tests" / "data" / "cmu-1-small-region.svs"
 
 
 class RestainedRenderer:
-    """A SynthSlide renderer whose eosin is replaced by another stain (colour deconvolution, then re-mixing)."""
+    """A SynthSlide renderer in another palette of ``slidechat.synth.stains`` (same tissue, other stain): colour
+    deconvolution into haematoxylin + eosin, then re-mixing with the palette's haematoxylin strength and second
+    stain (patchy where the palette says so, e.g. DAB marking some regions and not others)."""
 
-    def __init__(self, inner, palette: str = "ihc_dab") -> None:
+    CELL = 64  # level-0 px per cell of the patchiness field
+
+    def __init__(self, inner, palette: str = "ihc_dab", seed: int = 0) -> None:
         from slidechat.synth.stains import PALETTES
-        from slidechat.synth.textures import EOSIN, GLASS_RGB, HEMATOXYLIN
+        from slidechat.synth.textures import EOSIN, GLASS_RGB, HEMATOXYLIN, smooth_noise
 
+        he, other = PALETTES["he"], PALETTES[palette]
         self.inner = inner
         self.glass = GLASS_RGB
         self.unmix = np.linalg.pinv(np.stack([HEMATOXYLIN, EOSIN]))  # [3, 2]: OD -> (h, e)
-        self.mix = np.stack([HEMATOXYLIN, PALETTES[palette][2]])  # [2, 3]: (h, second stain) -> OD
+        self.mix = np.stack([HEMATOXYLIN * other[1] / he[1], other[2] * other[3] / he[3]])  # [2, 3]
+        self.patchy = other[4]
+        self.field = smooth_noise(np.random.default_rng(seed), 64, 4.0)
 
     def render(self, downsample: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        from scipy import ndimage
+
         rgb = self.inner.render(downsample, x0, y0, w, h).astype(np.float32)
         od = -np.log(np.clip(rgb, 1.0, None) / self.glass)
         conc = np.clip(od @ self.unmix, 0.0, None)
+        if self.patchy:
+            ys = (np.arange(y0, y0 + h) + 0.5) * downsample / self.CELL
+            xs = (np.arange(x0, x0 + w) + 0.5) * downsample / self.CELL
+            yy, xx = np.meshgrid(ys, xs, indexing="ij")
+            low = ndimage.map_coordinates(self.field, [yy.ravel(), xx.ravel()], order=1, mode="grid-wrap")
+            conc[..., 1] *= np.clip(1.6 * low.reshape(h, w) + 0.3, 0.0, 2.0)
         return np.clip(self.glass * np.exp(-(conc @ self.mix)), 0, 255).astype(np.uint8)
 
 
@@ -60,7 +75,7 @@ def write_restained_slide(out_dir: str | Path, seed: int, index: int, size: str 
     slide_id = f"{slide_id_for(seed, index)}-{palette}"
     path = Path(out_dir) / f"{slide_id}.tiff"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_slide_tiff(path, layout, RestainedRenderer(LevelRenderer(layout, rng), palette), slide_id, MPP,
+    write_slide_tiff(path, layout, RestainedRenderer(LevelRenderer(layout, rng), palette, seed=index), slide_id, MPP,
                      MAGNIFICATION)
     return path
 
@@ -112,7 +127,8 @@ def _scores(model, paths: list[Path], cache_dir: Path) -> list[dict]:
         enc = model.encode_slide(p, cache_dir=cache_dir)
         r = enc.ood
         out.append({"slide": p.name, "score": r.score, "flagged": r.flagged, "mean_distance": r.mean_distance,
-                    "outlier_fraction": r.outlier_fraction, "patches": enc.num_patches})
+                    "outlier_fraction": r.outlier_fraction, "stain_distance": r.stain_distance,
+                    "patches": enc.num_patches})
     return out
 
 

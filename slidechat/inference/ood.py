@@ -15,11 +15,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
 
 from slidechat.errors import SlideChatError
-from slidechat.model.feature_stats import FeatureStats
+from slidechat.model.feature_stats import FeatureStats, stain_descriptor
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class OODResult:
     threshold_rule: str = ""
     mean_distance: float | None = None  # Mahalanobis distance of the slide's mean patch feature
     outlier_fraction: float | None = None  # fraction of its patches beyond the training patches' 99th percentile
+    stain_distance: float | None = None  # Mahalanobis distance of its tissue colour (None: slide file not at hand)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,13 +91,25 @@ def feature_stats(model) -> FeatureStats | None:
     return _model_stats(_model_of(model)).stats
 
 
-def score_features(stats: FeatureStats, features) -> OODResult:
-    """The OOD result of patch features [N, D] under ``stats`` (no caching)."""
-    s = stats.score(features)
+def score_features(stats: FeatureStats, features, stain=None) -> OODResult:
+    """The OOD result of patch features [N, D] (+ the slide's stain descriptor) under ``stats`` (no caching)."""
+    s = stats.score(features, stain)
     rule = stats.describe_threshold()
     return OODResult(score=round(s.score, 3), threshold=round(stats.threshold, 3), flagged=s.score > stats.threshold,
                      message=ood_message(s.score, stats.threshold, rule), threshold_rule=rule,
-                     mean_distance=round(s.mean_distance, 3), outlier_fraction=round(s.outlier_fraction, 4))
+                     mean_distance=round(s.mean_distance, 3), outlier_fraction=round(s.outlier_fraction, 4),
+                     stain_distance=None if s.stain_distance is None else round(s.stain_distance, 3))
+
+
+def _slide_file(slide) -> Path | None:
+    """The slide file behind an EncodedSlide (itself, or the one its feature file was extracted from)."""
+    from slidechat.inference.encode import FEATURE_SUFFIXES
+
+    src = slide.source_path
+    if src is not None and Path(src).suffix.lower() not in FEATURE_SUFFIXES:
+        return Path(src)
+    recorded = getattr(slide.features, "attrs", {}).get("slide_path")
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
 
 
 def ood_check(model, slide) -> OODResult | None:
@@ -118,7 +132,10 @@ def ood_check(model, slide) -> OODResult | None:
                  slide.slide_id, tuple(feats.shape), entry.stats.dim)
         result = None
     else:
-        result = score_features(entry.stats, feats)
+        stain = None
+        if entry.stats.stain is not None and (path := _slide_file(slide)) is not None:
+            stain = stain_descriptor(path)
+        result = score_features(entry.stats, feats, stain)
     with _LOCK:
         entry.results[slide.sha256] = result
         while len(entry.results) > MAX_CACHED_SLIDES:
