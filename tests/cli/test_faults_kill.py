@@ -295,3 +295,42 @@ def test_report_skips_a_slide_held_by_a_live_worker_elsewhere(slides_folder, tin
     locks.path_for(first_id).unlink()  # that worker is gone (or its lock expired): a rerun completes the folder
     assert main(_report_args(slides_folder, out, tiny_checkpoint_dir, cache)) == 0
     _assert_same_report(out, ref)
+
+
+# --------------------------------------------------------------------------------------- slidechat extract
+@pytest.mark.slow
+def test_extract_sigkill_then_two_workers_resume_each_slide_once(synth_dataset, tmp_path):
+    import re
+
+    from slidechat.features.store import is_complete_features_h5
+
+    slides, out = tmp_path / "slides", tmp_path / "feats"
+    slides.mkdir()
+    src = sorted((synth_dataset / "slides").glob("*.tiff"))
+    for p in src:
+        shutil.copy(p, slides / p.name)
+    for i, p in enumerate(src[:2]):
+        shutil.copy(p, slides / f"copy-{i}.tiff")
+    args = ["extract", str(slides), "--out", str(out), "--num-workers", "0", "--target-mpp", "2",
+            "--thumbnail-size", "256"]
+    victim = _spawn(args)
+    t0 = time.monotonic()
+    while victim.poll() is None and time.monotonic() - t0 < 240:  # kill it mid-slide, after one slide is done
+        if list(out.glob("*.h5")) and list((out / ".locks").glob("*.h5.lock")):
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the worker finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    claimed = [p.name for p in (out / ".locks").glob("*.h5.lock")]
+    assert 1 <= len(before) < 6 and claimed  # a finished slide and the killed worker's claim on the next
+    workers = [_spawn(args) for _ in range(2)]
+    results = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], results
+    written = sorted(m for _, err in results for m in re.findall(r"^ok: \S+/(\S+\.h5) \(", err, flags=re.M))
+    assert written == sorted(f"{p.stem}.h5" for p in slides.iterdir() if f"{p.stem}.h5" not in before)
+    assert all(f"{c[:-len('.lock')]}" in written for c in claimed)  # the killed worker's slide was taken over
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if p.name in before} == before
+    assert all(is_complete_features_h5(p) for p in out.glob("*.h5")) and len(list(out.glob("*.h5"))) == 6
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.h5" for p in slides.iterdir())
