@@ -250,7 +250,7 @@ def compute_feature_stats(slides: Sequence[np.ndarray], stains: Sequence[np.ndar
                         stain=stain_g, stain_scale=stain_scale)
 
 
-def stats_from_feature_files(paths: Sequence[str | Path], *, max_slides: int = 1024, seed: int = 0,
+def stats_from_feature_files(paths: Sequence[str | Path], *, max_slides: int = 256, seed: int = 0,
                              with_stain: bool = True, **kwargs) -> FeatureStats:
     """:func:`compute_feature_stats` over feature files (.h5 / .csv); at most ``max_slides`` of them, drawn at
     random, are read. Stain statistics are added when every file's ``slide_path`` is still readable."""
