@@ -37,6 +37,10 @@ LOCK_DIR = ".locks"  # per-slide claims of the workers sharing an output folder
 FAILED_SUFFIX = ".failed"
 
 
+class OutputWriteError(SlideChatError):
+    """A feature file could not be written (disk full, read-only or missing folder): stops a run of many slides."""
+
+
 @dataclass
 class ExtractSummary:
     """Outcome of extract_many: written, skipped (already complete), busy (another worker's) and failed slides."""
@@ -235,7 +239,11 @@ def extract_slide(
         features = _encode_grid(slide_path, grid, encoder, config, progress)
         sha = sha256 or sha256_file(slide_path)
         attrs = _attrs(slide_path, reader, encoder, grid, sha, tissue, config)
-    h5 = write_features_h5(out_path, features, grid.coords, attrs)
+    try:
+        h5 = write_features_h5(out_path, features, grid.coords, attrs)
+    except OSError as exc:
+        raise OutputWriteError(f"{out_path}: cannot write the features ({exc.strerror or exc}); fix that and run "
+                               "again (slides already written are kept)") from exc
     return ExtractionResult(h5_path=h5, slide_path=slide_path, sha256=sha, features=features, coords=grid.coords,
                             attrs=attrs, tissue=tissue, grid=grid, config=config,
                             seconds=time.perf_counter() - start)
@@ -338,17 +346,52 @@ def extract_many(
         on_slide(Path(item), "failed", f"{item}: no slides found there")
     start = time.perf_counter()
     expected = {"encoder": encoder.name, "patch_size": config.patch_size, "target_mpp": float(config.target_mpp)}
-    claims = _SlideClaims(out_dir, [out_dir / f"{slide_id_of(s)}.h5" for s in slides], expected, resume, lock_stale_s)
+    slides = _drop_same_ids(slides, out_dir, summary, on_slide)
+    _check_out_dir(out_dir)
+    try:
+        claims = _SlideClaims(out_dir, [out_dir / f"{slide_id_of(s)}.h5" for s in slides], expected, resume,
+                              lock_stale_s)
+    except OSError as exc:
+        raise SlideChatError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from exc
     busy: list[Path] = []
-    for slide in slides:
-        if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress) == "busy":
-            busy.append(slide)
-    for slide in busy:  # once more: a holder that died meanwhile left its slide to us
-        if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress, last_try=True) == "busy":
-            summary.busy.append(slide)
-    claims.finish()
+    try:
+        for slide in slides:
+            if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress) == "busy":
+                busy.append(slide)
+        for slide in busy:  # once more: a holder that died meanwhile left its slide to us
+            if _extract_claimed(slide, claims, encoder, config, summary, on_slide, progress, last_try=True) == "busy":
+                summary.busy.append(slide)
+    finally:
+        claims.finish()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _drop_same_ids(slides: list[Path], out_dir: Path, summary: ExtractSummary,
+                   on_slide: Callable[[Path, str, str], None]) -> list[Path]:
+    """The slides without those whose id (file name without extension) an earlier input already has: both
+    would write the same .h5, and the second would be taken for done."""
+    first: dict[str, Path] = {}
+    kept = []
+    for slide in slides:
+        sid = slide_id_of(slide)
+        if sid in first:
+            msg = (f"{slide}: same slide id {sid!r} as {first[sid]} (both would be {out_dir / (sid + '.h5')}); "
+                   "rename one, or extract them into separate --out folders")
+            summary.failed.append((str(slide), msg))
+            on_slide(slide, "failed", msg)
+            continue
+        first[sid] = slide
+        kept.append(slide)
+    return kept
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise SlideChatError(f"--out {out_dir}: {folder} is a file, not a folder; choose another --out")
+            return
 
 
 def _extract_claimed(slide: Path, claims: "_SlideClaims", encoder: PatchEncoder, config: ExtractionConfig,
@@ -379,6 +422,8 @@ def _extract_claimed(slide: Path, claims: "_SlideClaims", encoder: PatchEncoder,
             return "failed"
         try:
             result = extract_slide(slide, encoder, out_path, config, progress=progress)
+        except OutputWriteError:
+            raise  # the output folder, not the slide: every further slide would fail the same way
         except SlideChatError as exc:
             claims.record_failure(out_path, str(exc))
             summary.failed.append((str(slide), str(exc)))
@@ -415,7 +460,7 @@ class _SlideClaims:
     def _stamp(self, path: Path) -> tuple[int, int] | None:
         try:
             st = path.stat()
-        except FileNotFoundError:
+        except OSError:
             return None
         return st.st_mtime_ns, st.st_size
 

@@ -141,3 +141,54 @@ def test_no_resume_with_a_second_worker_still_writes_each_slide_once(six_slides,
                            out, FAST, resume=False)
     assert calls == ["copy-0.tiff"]
     assert [p.name for p in summary.written] == ["copy-0.h5"] and [p.name for p in summary.skipped] == ["copy-1.h5"]
+
+
+# ------------------------------------------------------------------------------------------ the output folder
+def test_two_inputs_with_one_slide_id_do_not_pass_for_each_other(six_slides, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(six_slides / "copy-0.tiff", other / "synth-s0-0000.tiff")  # another slide, same file name
+    summary = extract_many([six_slides / "synth-s0-0000.tiff", other / "synth-s0-0000.tiff"],
+                           load_encoder("demo-cnn"), tmp_path / "feats", FAST)
+    assert [p.name for p in summary.written] == ["synth-s0-0000.h5"] and not summary.skipped
+    ((path, msg),) = summary.failed
+    assert path == str(other / "synth-s0-0000.tiff") and "same slide id 'synth-s0-0000'" in msg
+    assert load_features(summary.written[0]).attrs["slide_path"] == str(six_slides / "synth-s0-0000.tiff")
+
+
+def test_out_that_is_a_file_is_one_line(six_slides, tmp_path, capsys):
+    from slidechat.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    for out in (taken, taken / "sub"):
+        assert main(["extract", str(six_slides / "copy-0.tiff"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a folder" in err and "Traceback" not in err
+    assert taken.read_text() == "keep me\n"
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_what_was_written(six_slides, tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    from slidechat.cli import main
+    from slidechat.features import extract as extract_mod
+
+    real, calls = extract_mod.write_features_h5, []
+
+    def fills_up(path, *a, **k):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(extract_mod, "write_features_h5", fills_up)
+    out = tmp_path / "feats"
+    assert main(["extract", str(six_slides), "--out", str(out), "--num-workers", "0", "--target-mpp", "2",
+                 "--thumbnail-size", "256"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "No space left on device" in line and "Traceback" not in err
+    assert len(calls) == 2  # stopped at the first failed write, not tried on every further slide
+    assert [p.name for p in out.iterdir()] == [calls[0].name] and is_complete_features_h5(calls[0])
