@@ -1,21 +1,20 @@
-"""Statistics of the patch features a checkpoint was trained on, for an out-of-distribution score.
+"""Statistics of the slides a checkpoint was trained on, for an out-of-distribution score.
 
-Two Gaussians, each a regularised mean + covariance kept as its eigen-decomposition (top ``rank`` axes + one
-residual variance, so a 1024-d encoder stays small):
+Up to three Gaussians, each a regularised mean + covariance kept as its eigen-decomposition (top ``rank`` axes +
+one residual variance, so a 1024-d encoder stays small):
 
 * **patches**: every training patch feature; a patch's distance is its Mahalanobis distance, RMS per dimension;
-* **slides**: each training slide's mean patch feature.
-
+* **slides**: each training slide's mean patch feature;
 * **stain** (when the training slide files were at hand): each slide's colour descriptor, the optical density of
   its tissue in a thumbnail (:func:`stain_descriptor`), because a patch encoder may be nearly blind to a change
   of stain that the rest of the model was never shown.
 
-A slide's score is the largest of these ratios: the Mahalanobis distance of its mean patch feature (a shift of the
+A slide's score is the largest of three ratios: the Mahalanobis distance of its mean patch feature (a shift of the
 whole slide: scanner, encoder input), the fraction of its patches farther than the training patches'
 99th-percentile distance (tissue the model never saw) and the distance of its stain descriptor, each divided by
-its ``quantile`` over held-out training slides. Held-out by cross-fitting: every training slide is scored by statistics fitted without its fold. So a
-score of 1 is as unusual as the 99th-percentile training slide; the threshold is ``margin`` x the ``quantile`` of
-the held-out scores.
+its ``quantile`` over held-out training slides. Held out by cross-fitting: every training slide is scored by
+statistics fitted without its fold. So a score of 1 is as unusual as the 99th-percentile training slide; the
+threshold is ``margin`` x the ``quantile`` of the held-out scores.
 
 Files in a checkpoint folder: ``feature_stats.safetensors`` (arrays) and ``feature_stats.json`` (threshold, how it
 was set, sizes).
