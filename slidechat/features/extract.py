@@ -20,7 +20,7 @@ import torch
 from slidechat.encoders.base import PatchEncoder
 from slidechat.errors import SlideChatError, SlideReadError
 from slidechat.features.store import SlideFeatures, is_complete_features_h5, write_features_h5
-from slidechat.slide.config import ExtractionConfig
+from slidechat.slide.config import ExtractionConfig, check_option
 from slidechat.slide.reader import SlideReader
 from slidechat.slide.memory import check_decode
 from slidechat.slide.tiling import (PatchBlockDataset, TileGrid, grid_shape, make_tile_grid, patch_loader, read_memory_bytes,
@@ -336,6 +336,7 @@ def extract_many(
     ``on_slide(path, status, message)`` is called per slide with status "ok", "skipped", "busy" or "failed".
     """
     config = _check_config(config)
+    lock_stale_s = check_option("lock_stale_after", lock_stale_s)
     out_dir = Path(out_dir)
     summary = ExtractSummary()
     on_slide = on_slide or (lambda p, s, m: None)
