@@ -1,5 +1,14 @@
-"""Structured slide report: ask the model the targeted questions of ``prompts.REPORT_QUESTIONS`` (each in a fresh
-conversation about the same slide, so answers do not bias each other) and parse the answers into fields.
+"""Structured slide report from a report template (``slidechat.inference.report_schema``; default: SynthSlide).
+
+Each field's question is asked about the slide with the conversation's history cleared (answers do not bias each
+other; the key/values of the system prompt and slide tokens are reused) and its answer is decoded under the
+field's pattern (``slidechat.inference.constrained``), so every value is valid for the template. Fields with
+``when`` are asked only when that yes/no field is yes; derived fields are computed. The summary is then written
+in a conversation that holds the field questions and answers, and the text report is rendered from the fields
+(plus that summary), so the two cannot disagree.
+
+``generate_report(..., schema=False)`` (or custom ``questions``) keeps the free-text path: the questions of
+``prompts.REPORT_QUESTIONS``, each in a fresh conversation, answers parsed into fields by the readers below.
 
 Fields (names as SlideSynth's ground-truth reports): ``tissue_types`` (list), ``dominant_tissue``,
 ``lesion_present`` (bool), ``lesion_type``, ``lesion_location`` (quadrant), ``tumor_fraction_percent`` (float),
@@ -19,6 +28,7 @@ from slidechat.errors import SlideChatError
 from slidechat.inference.conversation import Conversation, prepare_slide
 from slidechat.synth.classes import spelling_vocabulary
 from slidechat.inference.evidence import DEFAULT_K
+from slidechat.inference.report_schema import ReportSchema, load_report_schema
 
 def _mentions(text: str, vocab: dict[str, tuple[str, ...]]) -> list[str]:
     """Canonical names mentioned in ``text``, in order of first mention."""
@@ -118,9 +128,16 @@ class Report:
     slide_id: str = ""
     evidence: list[dict[str, Any]] = field(default_factory=list)
     evidence_error: str | None = None
+    schema: ReportSchema | None = None
+
+    @property
+    def title(self) -> str:
+        return self.schema.title if self.schema is not None else prompts.REPORT_TITLE
 
     @property
     def text(self) -> str:
+        if self.schema is not None:
+            return "\n".join(self.schema.render_lines(self.fields))
         f = self.fields
         lesion = "none" if f.get("lesion_present") is False else \
             f"{format_field(f.get('lesion_type'))}, {format_field(f.get('lesion_location'))}"
@@ -147,37 +164,104 @@ class Report:
         return rows
 
     def to_markdown(self) -> str:
-        title = f"## {prompts.REPORT_TITLE}" + (f": {self.slide_id}" if self.slide_id else "")
+        title = f"## {self.title}" + (f": {self.slide_id}" if self.slide_id else "")
         rows = ["| field | value |", "|---|---|"]
         for k, v in self.fields.items():
             if k == "summary":
                 continue
-            rows.append(f"| {k.replace('_', ' ')} | {format_field(v, missing='—').replace('|', '/')} |")
+            if self.schema is not None:
+                spec = self.schema.field(k)
+                label, shown = spec.display_label, spec.format_value(v, missing="—")
+            else:
+                label, shown = k.replace("_", " "), format_field(v, missing="—")
+            rows.append(f"| {label} | {shown.replace('|', '/')} |")
         evidence = self.evidence_markdown()
         return "\n".join([title, "", *rows, "", "**Summary.** " + (self.fields.get("summary") or "—"), "",
                           *evidence, *([""] if evidence else [])])
 
     def to_dict(self) -> dict[str, Any]:
         return {"slide_id": self.slide_id, "fields": self.fields, "text": self.text, "raw_answers": self.raw_answers,
-                "evidence": self.evidence, "evidence_error": self.evidence_error}
+                "evidence": self.evidence, "evidence_error": self.evidence_error,
+                "schema": self.schema.name if self.schema is not None else None}
 
 
 def generate_report(assistant, slide, max_new_tokens: int = 64, summary_max_new_tokens: int = 160,
                     questions: dict[str, str] | None = None, cache: InferenceCache | None = None,
-                    evidence_k: int = DEFAULT_K) -> Report:
-    """Ask each targeted question in a fresh conversation (the slide is encoded once) and parse the answers.
+                    evidence_k: int = DEFAULT_K, schema: str | ReportSchema | bool | None = None,
+                    context: str | None = None) -> Report:
+    """The report of ``slide`` under ``schema`` (a template name or file, a ``ReportSchema``; None: SynthSlide).
 
-    The evidence is that of the last question's conversation (the summary); if it fails the report keeps its
-    answers and says why in ``evidence_error``."""
+    ``schema=False`` or custom ``questions`` take the free-text path. ``context`` (clinical information) is given
+    with the summary question only. ``max_new_tokens`` bounds free-text answers (a constrained field gets the
+    tokens its longest valid answer needs). The evidence is that of the summary's conversation; if it fails the
+    report keeps its fields and says why in ``evidence_error``."""
+    if questions is not None or schema is False:
+        qs = dict(questions or prompts.REPORT_QUESTIONS)
+        if context and "summary" in qs:
+            qs["summary"] = f"Clinical information: {context.strip()}\n{qs['summary']}"
+        return _free_text_report(assistant, slide, max_new_tokens, summary_max_new_tokens, qs, cache, evidence_k)
+    return schema_report(assistant, slide, load_report_schema(None if schema is True else schema), max_new_tokens,
+                         summary_max_new_tokens, cache, evidence_k, context)
+
+
+def schema_report(assistant, slide, schema: ReportSchema, max_new_tokens: int = 64,
+                  summary_max_new_tokens: int = 160, cache: InferenceCache | None = None,
+                  evidence_k: int = DEFAULT_K, context: str | None = None) -> Report:
+    """Fields under ``schema`` by constrained decoding, then the summary conditioned on them (see the module doc)."""
+    from slidechat.inference.constrained import constrained_answer, grammars_for, token_budget
+
     model, cache = resolve(assistant, cache)
-    state = prepare_slide(model, slide, cache)
+    grammars = grammars_for(model)
+    conv = Conversation(model, slide, cache=cache)
+    values: dict[str, Any] = {}
     answers: dict[str, str] = {}
-    for key, question in (questions or prompts.REPORT_QUESTIONS).items():
-        conv = Conversation(model, state.slide, cache=cache)
+    history: list[dict[str, str]] = []
+    for f in schema.fields:
+        if not f.asked:
+            continue
+        if f.when and values.get(f.when) is not True:
+            values[f.name], answers[f.name] = None, ""
+            continue
+        conv.messages = []
+        limit = token_budget(f)
+        if f.type == "text":
+            limit = min(limit, max_new_tokens)
+        answers[f.name] = constrained_answer(conv, f.question, f.answer_regex(), limit, grammars)
+        values[f.name] = f.parse_answer(answers[f.name])
+        history += conv.messages[-2:]
+    schema.derive(values)
+    fields = {f.name: values.get(f.name) for f in schema.fields}
+    report = Report(fields=fields, raw_answers=answers, slide_id=conv.slide.slide_id, schema=schema)
+    if schema.summary_question:
+        question = schema.summary_question
+        if context:
+            question = f"Clinical information: {context.strip()}\n{question}"
+        conv.messages = history
+        answers["summary"] = conv.ask(question, max_new_tokens=summary_max_new_tokens).strip()
+        fields["summary"] = answers["summary"]
+    if evidence_k > 0 and answers:
+        try:
+            report.evidence = [r.to_dict() for r in conv.evidence(evidence_k)]
+        except (SlideChatError, RuntimeError, ValueError) as exc:
+            report.evidence_error = f"{type(exc).__name__}: {exc}"
+    return report
+
+
+def _free_text_report(assistant, slide, max_new_tokens: int, summary_max_new_tokens: int,
+                      questions: dict[str, str], cache: InferenceCache | None, evidence_k: int) -> Report:
+    """Ask each question in a fresh conversation (the slide is encoded once) and parse the answers."""
+    model, cache = resolve(assistant, cache)
+    answers: dict[str, str] = {}
+    conv = None
+    for key, question in questions.items():
+        # the first conversation encodes the slide; the others reuse its encoded slide(s)
+        source = slide if conv is None else (getattr(conv, "slides", None) or conv.slide)
+        conv = Conversation(model, source, cache=cache)
         limit = summary_max_new_tokens if key == "summary" else max_new_tokens
         answers[key] = conv.ask(question, max_new_tokens=limit)
-    report = Report(fields=parse_answers(answers), raw_answers=answers, slide_id=state.slide.slide_id)
-    if evidence_k > 0 and answers:
+    slide_id = conv.slide.slide_id if conv is not None else prepare_slide(model, slide, cache).slide.slide_id
+    report = Report(fields=parse_answers(answers), raw_answers=answers, slide_id=slide_id)
+    if evidence_k > 0 and conv is not None:
         try:
             report.evidence = [r.to_dict() for r in conv.evidence(evidence_k)]
         except (SlideChatError, RuntimeError, ValueError) as exc:
