@@ -15,6 +15,7 @@ Checkpoint folder (``save_pretrained`` / ``from_pretrained``)::
     config.json                 SlideAssistantConfig (the LLM referenced by alias / path / hub id)
     model.safetensors           slide_encoder.* + projector.*
     patch_encoder.safetensors   the patch encoder's weights, when it has some (optional)
+    feature_stats.*             statistics of the training features, for the out-of-distribution warning (optional)
     adapter/                    peft LoRA adapter (mode "lora")
     llm/                        the full LLM + tokenizer (mode "full" only)
 """
@@ -242,7 +243,20 @@ class SlideAssistant(nn.Module):
             self.tokenizer.save_pretrained(str(save_dir / "llm"))
             cfg.llm.name_or_path = "llm"
         write_json_atomic(save_dir / CONFIG_NAME, cfg.to_dict())
+        self._copy_feature_stats(save_dir)
         return save_dir
+
+    def _copy_feature_stats(self, save_dir: Path) -> None:
+        """Carry the training-feature statistics (the OOD warning's reference) into a re-saved checkpoint."""
+        from slidechat.model.feature_stats import STATS_ARRAYS, STATS_META
+
+        src = self.checkpoint_dir
+        if src is None or not all((src / n).is_file() for n in (STATS_ARRAYS, STATS_META)):
+            return
+        for name in (STATS_ARRAYS, STATS_META):
+            if (src / name).resolve() != (save_dir / name).resolve():
+                with atomic_path(save_dir / name) as tmp:
+                    shutil.copyfile(src / name, tmp)
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, device: str | torch.device | None = None,

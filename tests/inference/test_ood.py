@@ -97,6 +97,21 @@ def test_corrupt_statistics_warn_and_switch_the_check_off(tiny_checkpoint_dir, t
     assert "unreadable feature statistics" in caplog.text
 
 
+def test_resaving_a_checkpoint_keeps_its_statistics(tiny_checkpoint_dir, tmp_path):
+    import shutil
+
+    import slidechat
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint_dir, ckpt)
+    model = slidechat.load(str(ckpt), device="cpu")
+    rng = np.random.default_rng(3)
+    compute_feature_stats(_slides(rng, dim=model.config.encoder.feature_dim)).save(ckpt)
+    model.save_pretrained(tmp_path / "again")
+    for name in (STATS_ARRAYS, STATS_META):
+        assert (tmp_path / "again" / name).read_bytes() == (ckpt / name).read_bytes()
+
+
 # ---------------------------------------------------------------- the shipped demo checkpoint
 @pytest.fixture(scope="module")
 def demo():
