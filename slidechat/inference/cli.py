@@ -110,6 +110,8 @@ def _open_case(assistant, args):
         slide = assistant.encode_slide(path, mpp=args.mpp, progress=_progress(), cache_dir=args.cache_dir)
         name = f"slide {i + 1} " if len(args.slide) > 1 else "slide "
         print(f"{name}{slide.slide_id}: {slide.num_patches} patches", file=sys.stderr)
+        if slide.ood is not None and slide.ood.flagged:
+            print(f"warning: {slide.ood.message}", file=sys.stderr)
         slides.append(slide)
     return Case("", slides, labels)
 

@@ -100,3 +100,19 @@ def test_demo_case_of_a_scanner_slide_and_a_synthslide(demo, cmu_slide, synth_da
     alone = demo.chat(slides[1], max_new_tokens=12).ask("Describe this slide.")
     again = demo.chat([slides[1]], max_new_tokens=12).ask("Describe this slide.")
     assert alone == again
+
+
+def test_demo_chat_cli_on_a_case_warns_about_the_scanner_slide(cmu_slide, synth_dataset, tmp_path, capsys):
+    from slidechat.cli import main
+
+    synth = sorted((synth_dataset / "slides").glob("*.tiff"))[0]
+    rc = main(["chat", "--slide", str(cmu_slide), "--slide", str(synth), "--label", "skin", "--label", "synthetic",
+               "-q", "Which slide shows the focal lesion?", "--max-new-tokens", "16", "--no-stream", "--evidence", "2",
+               "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert out.out.strip()  # an answer
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "unlike the slides this model was trained on" in warnings[0]
+    assert out.err.index("slide 1 ") < out.err.index("warning: ") < out.err.index("slide 2 ")  # the scanner slide's
+    assert sum(line.startswith("evidence ") for line in out.err.splitlines()) == 2
