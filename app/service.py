@@ -68,6 +68,11 @@ class TiledSlide:
     patch_size_level0: float | None
 
 
+def shown_question(question: str, box: tuple[int, int, int, int] | None) -> str:
+    """The question as the conversation shows it: a region question starts with its level-0 box."""
+    return question if box is None else f"[region {box[0]},{box[1]} {box[2]}×{box[3]} px] {question}"
+
+
 def safe_filename(name: str, default: str = "slide") -> str:
     """A file name without folders or odd characters (keeps the extension)."""
     base = Path(str(name or "")).name
@@ -320,8 +325,7 @@ class ChatService:
         box = parse_region(region) if region not in (None, "") else None
         with session.task("answering a question"):
             conv = session.conversation.region_conversation(box) if box is not None else session.conversation
-            shown = question if box is None else f"[region {box[0]},{box[1]} {box[2]}×{box[3]} px] {question}"
-            session.transcript.append({"role": "user", "content": shown})
+            session.transcript.append({"role": "user", "content": shown_question(question, box)})
             answer = ""
             try:
                 for piece in conv.ask(question, stream=True, max_new_tokens=max_new_tokens or self.config.max_new_tokens):

@@ -18,9 +18,11 @@ from typing import Any
 import gradio as gr
 
 from slidechat.errors import SlideChatError
+from slidechat.inference.region import parse_region
 
 from slidechat.app.config import AppConfig
-from slidechat.app.service import STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, user_message
+from slidechat.app.service import (STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, shown_question,
+                                   user_message)
 from slidechat.app.session import SlideSession
 from slidechat.app import export
 
@@ -240,8 +242,9 @@ class Handlers:
                    gr.skip()) + keep
             return
         try:
-            stream = self.service.ask(session, question, region=(region or "").strip() or None)
-            shown = history + [{"role": "user", "content": question}]
+            box = parse_region(region) if (region or "").strip() else None
+            stream = self.service.ask(session, question, region=box)
+            shown = history + [{"role": "user", "content": shown_question(question, box)}]
             yield (shown + [{"role": "assistant", "content": "…"}], "", gr.skip(), gr.skip(), gr.skip()) + keep
             for answer in stream:
                 yield (shown + [{"role": "assistant", "content": answer}], gr.skip(), gr.skip(), gr.skip(),

@@ -7,7 +7,7 @@
 (function () {
   "use strict";
   const S = (window.SlideChatViewer = { viewer: null, state: null, key: "", layers: {}, drawing: false, tiles: 0,
-                                        region: null, boxes: [] });
+                                        region: null, regionText: null, boxes: [] });
 
   function $(sel) { return document.querySelector(sel); }
 
@@ -205,24 +205,25 @@
 
   function regionField() { return document.querySelector("#sc-region textarea, #sc-region input"); }
 
+  // S.regionText is the region the next question is about, as the viewer knows it: set by drawing or "ask about
+  // this view", by typing in the region field, emptied by "Whole slide"; null = no say (the field's own value).
   function setRegion(x, y, w, h) {
     const box = S.clipBox(x, y, w, h);
     if (!box) return;
     S.region = box;
+    S.regionText = box.join(",");
     const el = regionField();
-    if (el) {  // shown to the user (and editable); the ask event reads it back through S.regionForAsk
+    if (el) {  // shown to the user in the field (Gradio's copy of it may lag; the ask event does not rely on it)
       const proto = el.tagName === "TEXTAREA" ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;
-      Object.getOwnPropertyDescriptor(proto, "value").set.call(el, box.join(","));
+      Object.getOwnPropertyDescriptor(proto, "value").set.call(el, S.regionText);
       el.dispatchEvent(new Event("input", { bubbles: true }));
     }
     drawEvidence();
   }
 
-  // The region the ask event sends: the field as the user sees it (drawn, "this view", typed or emptied by
-  // "Whole slide"), whatever Gradio's copy of the field holds at that moment.
+  // The region the ask event hands to the Python handler (see ASK_JS in app/ui.py).
   S.regionForAsk = function (given) {
-    const el = regionField();
-    const text = (el ? el.value : given || "").trim();
+    const text = (S.regionText !== null && S.regionText !== undefined ? S.regionText : given || "").trim();
     S.region = /^\d+,\d+,\d+,\d+$/.test(text) ? text.split(",").map(Number) : null;
     return text;
   };
@@ -252,8 +253,14 @@
     if (crop) { S.flyTo(JSON.parse(crop.getAttribute("data-box"))); return; }
     if (ev.target.closest && ev.target.closest("#sc-draw-region")) { setDrawing(!S.drawing); return; }
     if (ev.target.closest && ev.target.closest("#sc-view-region")) { S.viewRegion(); return; }
+    if (ev.target.closest && ev.target.closest("#sc-whole-slide")) {
+      S.regionText = ""; S.region = null; drawEvidence();
+    }
   });
   document.addEventListener("input", function (ev) {
+    if (ev.isTrusted && ev.target && ev.target.closest && ev.target.closest("#sc-region")) {
+      S.regionText = ev.target.value;  // typed by the user
+    }
     if (ev.target && ev.target.id && ev.target.id.indexOf("sc-layer-") === 0) applyLayers();
   });
   document.addEventListener("change", function (ev) {
@@ -272,14 +279,14 @@
       const empty = $("#sc-osd-empty");
       if (!st || !st.dzi) {
         if (S.viewer) { S.viewer.clearOverlays(); S.viewer.close(); }
-        S.layers = {}; S.boxes = []; S.region = null;
+        S.layers = {}; S.boxes = []; S.region = null; S.regionText = null;
         if (empty) empty.style.display = "flex";
       } else {
         if (empty) empty.style.display = "none";
         const v = ensureViewer(container);
         if (!prev || prev.dzi !== st.dzi || !v.world.getItemCount()) {
           v.clearOverlays();
-          S.layers = {}; S.boxes = []; S.region = null;
+          S.layers = {}; S.boxes = []; S.region = null; S.regionText = null;
           v.open(st.dzi);
         }
         else { applyLayers(); drawEvidence(); updateScaleBar(); }

@@ -1,13 +1,15 @@
 """The pathologist's workspace in a real headless Chromium with the shipped demo checkpoint: upload the real scanner
 slide and a SynthSlide, the deep-zoom viewer loads tiles and zooms, the heatmap layer shows, three questions are
-answered with no error banner, evidence boxes and crops appear, a drawn region gets an answer, the report
-downloads with its crops. Screenshots go to test-output/app/viewer-*.png."""
+answered with no error banner, evidence boxes and crops appear, the report downloads with its crops, a drawn
+rectangle and "ask about this view" each reach the server as the exact level-0 box, the heatmap layer shows crisp
+patch squares. Screenshots go to test-output/app/viewer-*.png."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slidechat.utils.io import read_jsonl
@@ -65,6 +67,7 @@ def _open(page, slide: Path) -> None:
 def _ask(page, question: str) -> None:
     bots = page.locator('#sc-chat [data-testid="bot"]').count()
     page.wait_for_timeout(800)  # the previous event settles before the next submit
+    state = page.evaluate("() => document.querySelector('#sc-viewer-state [data-state]').getAttribute('data-state')")
     page.fill("#sc-question textarea", question)
     page.press("#sc-question textarea", "Enter")
     try:
@@ -74,6 +77,9 @@ def _ask(page, question: str) -> None:
     try:
         page.wait_for_function("n => document.querySelectorAll('#sc-chat [data-testid=\"bot\"]').length > n",
                                arg=bots, timeout=90000)
+        # the answer's last update carries a new viewer state (its heatmap and evidence), then the status line
+        page.wait_for_function("s => document.querySelector('#sc-viewer-state [data-state]')"
+                               ".getAttribute('data-state') !== s", arg=state, timeout=90000)
         page.wait_for_selector("#sc-status:has-text('Answered')", timeout=90000)
     except Exception:
         page.screenshot(path="test-output/app/viewer-failed-ask.png")
@@ -101,6 +107,7 @@ def test_viewer_evidence_region_report_on_scanner_slide(page, demo_app, cmu_slid
     crops = page.locator("#sc-evidence .sc-crop img")
     assert crops.count() == 4
     page.screenshot(path=str(shots / "viewer-2-answers-evidence.png"))
+    _assert_heatmap_patches_are_crisp_squares(page, demo_app[1], shots / "viewer-2b-heatmap-squares.png")
 
     # clicking a crop flies the viewer there: the zoom grows and more (deeper) tiles load
     zoom0 = page.evaluate("() => window.SlideChatViewer.viewer.viewport.getZoom()")
@@ -109,6 +116,47 @@ def test_viewer_evidence_region_report_on_scanner_slide(page, demo_app, cmu_slid
     assert page.evaluate("() => window.SlideChatViewer.viewer.viewport.getZoom()") > zoom0 * 1.5
     assert len(page.tiles) > first and all(s == 200 for s in page.tiles)
     page.screenshot(path=str(shots / "viewer-3-zoomed-to-evidence.png"))
+
+    # draw a rectangle on the viewer and ask: the server answers from exactly the drawn level-0 box
+    page.evaluate("() => window.SlideChatViewer.viewer.viewport.goHome(true)")
+    page.wait_for_timeout(500)
+    page.click("#sc-draw-region")
+    box = page.locator("#sc-osd").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    drawn = _image_box(page, (cx - 120, cy - 120), (cx + 120, cy + 120))
+    page.mouse.move(cx - 120, cy - 120)
+    page.mouse.down()
+    page.mouse.move(cx, cy, steps=5)
+    page.mouse.move(cx + 120, cy + 120, steps=5)
+    page.mouse.up()
+    _ask(page, "What tissue is in this region?")
+    _assert_answered_from(page, demo_app[1], drawn, "What tissue is in this region?")
+    page.screenshot(path=str(shots / "viewer-4-region-answer.png"))
+    assert page.locator(".sc-region-box").count() == 1  # the answered region, drawn once
+
+    # "ask about this view": zoom in, take the view as the region, ask
+    page.evaluate("() => { const v = window.SlideChatViewer.viewer; v.viewport.zoomBy(2.5, undefined, true); "
+                  "v.viewport.applyConstraints(true); }")
+    page.wait_for_timeout(800)
+    view = page.evaluate("""() => { const v = window.SlideChatViewer.viewer, st = window.SlideChatViewer.state;
+        const r = v.world.getItemAt(0).viewportToImageRectangle(v.viewport.getBounds(true));
+        const x0 = Math.max(0, Math.round(r.x)), y0 = Math.max(0, Math.round(r.y));
+        const x1 = Math.min(st.width, Math.round(r.x + r.width)), y1 = Math.min(st.height, Math.round(r.y + r.height));
+        return [x0, y0, x1 - x0, y1 - y0]; }""")
+    page.click("#sc-view-region")
+    assert page.evaluate("() => window.SlideChatViewer.regionText") == ",".join(map(str, view))
+    field = page.evaluate("() => document.querySelector('#sc-region textarea, #sc-region input').value")
+    _ask(page, "Describe this part of the slide.")
+    _assert_answered_from(page, demo_app[1], view, "Describe this part of the slide.")
+    assert field == ",".join(map(str, view))  # the user saw the box the answer is about
+
+    # "Whole slide" empties the region: the next answer is about the whole slide again
+    page.click("#sc-whole-slide")
+    page.wait_for_timeout(300)
+    _ask(page, "Describe this slide.")
+    page.wait_for_selector("#sc-status:has-text('Answered from the whole slide')", timeout=90000)
+    assert page.locator('#sc-chat [data-testid="user"]').last.inner_text().strip() == "Describe this slide."
+    assert _server_session(demo_app[1]).region is None
 
     # the report downloads as HTML carrying the evidence crops
     page.click("#sc-report")
@@ -122,24 +170,83 @@ def test_viewer_evidence_region_report_on_scanner_slide(page, demo_app, cmu_slid
     assert text.count('class="sc-crop"') >= 1 and "data:image/jpeg;base64," in text
     page.screenshot(path=str(shots / "viewer-5-report.png"))
 
-    # draw a rectangle on the viewer, ask about it
-    page.evaluate("() => window.SlideChatViewer.viewer.viewport.goHome(true)")
+
+def _assert_heatmap_patches_are_crisp_squares(page, service, shot: Path) -> None:
+    """Zoomed onto the most attended patch at full opacity: its square on screen is one flat colour (the score's
+    turbo colour), not a blend with its neighbours, and sits where the patch is."""
+    import io
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    hm = _server_session(service).heatmap
+    i = int(np.argmax(hm.scores))
+    x, y = (int(v) for v in hm.coords[i])
+    ps = float(hm.patch_size_level0)
+    page.evaluate("""([x, y, ps]) => { const S = window.SlideChatViewer, v = S.viewer;
+        const r = document.querySelector('#sc-layer-opacity'); r.value = '1';
+        r.dispatchEvent(new Event('input', { bubbles: true }));
+        document.querySelectorAll('.sc-evidence-box, .sc-region-box').forEach(e => { e.style.display = 'none'; });
+        v.viewport.fitBounds(v.world.getItemAt(0).imageToViewportRectangle(x - 1.5 * ps, y - 1.5 * ps, 4 * ps, 4 * ps),
+                             true); }""", [x, y, ps])
+    page.wait_for_function("() => { const l = window.SlideChatViewer.layers.heatmap; return l && l.loaded; }",
+                           timeout=10000)
     page.wait_for_timeout(500)
-    page.click("#sc-draw-region")
-    box = page.locator("#sc-osd").bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 120, cy - 120)
-    page.mouse.down()
-    page.mouse.move(cx, cy, steps=5)
-    page.mouse.move(cx + 120, cy + 120, steps=5)
-    page.mouse.up()
-    page.wait_for_function("() => /^\\d+,\\d+,\\d+,\\d+$/.test(document.querySelector('#sc-region textarea, "
-                           "#sc-region input').value)", timeout=5000)
-    _ask(page, "What tissue is in this region?")
-    page.screenshot(path=str(shots / "viewer-4-region-answer.png"))
-    if "region you drew" not in page.inner_text("#sc-status"):
-        pytest.xfail("the drawn rectangle fills the region field, but the page sends the question without it")
-    assert "[region " in page.locator('#sc-chat [data-testid="user"]').last.inner_text()
+    rendering = page.evaluate("() => getComputedStyle(document.querySelector('#sc-overlay-heatmap')).imageRendering")
+    assert rendering == "pixelated"
+    corner = page.evaluate("""([x, y, ps]) => { const v = window.SlideChatViewer.viewer, item = v.world.getItemAt(0);
+        const el = v.canvas.getBoundingClientRect();
+        const a = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+        const b = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x + ps, y + ps));
+        return [el.left + a.x, el.top + a.y, el.left + b.x, el.top + b.y]; }""", [x, y, ps])
+    x0, y0, x1, y1 = corner
+    assert x1 - x0 > 40  # a patch spans many screen pixels at this zoom
+    page.screenshot(path=str(shot))
+    inset = 4
+    clip = {"x": x0 + inset, "y": y0 + inset, "width": x1 - x0 - 2 * inset, "height": y1 - y0 - 2 * inset}
+    square = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB")).astype(int)
+    assert (square.max(axis=(0, 1)) - square.min(axis=(0, 1))).max() <= 3, "the patch square is not one colour"
+    want = np.asarray(colormaps["turbo"](float(np.clip(hm.scores[i], 0, 1)))[:3]) * 255
+    assert np.abs(square.mean(axis=(0, 1)) - want).max() <= 8
+    page.evaluate("""() => { const r = document.querySelector('#sc-layer-opacity'); r.value = '0.45';
+        r.dispatchEvent(new Event('input', { bubbles: true }));
+        document.querySelectorAll('.sc-evidence-box, .sc-region-box').forEach(e => { e.style.display = ''; });
+        window.SlideChatViewer.viewer.viewport.goHome(true); }""")
+    page.wait_for_timeout(500)
+
+
+def _image_box(page, a, b) -> list[int]:
+    """The level-0 (x, y, w, h) box between two points of the page (CSS px), clipped to the slide."""
+    return page.evaluate("""([a, b]) => { const v = window.SlideChatViewer.viewer, st = window.SlideChatViewer.state;
+        const item = v.world.getItemAt(0), c = v.canvas.getBoundingClientRect();
+        const pixel = (xy) => v.viewport.pointFromPixel(new OpenSeadragon.Point(xy[0] - c.left, xy[1] - c.top));
+        const p = item.viewportToImageCoordinates(pixel(a)), q = item.viewportToImageCoordinates(pixel(b));
+        const x0 = Math.max(0, Math.round(p.x)), y0 = Math.max(0, Math.round(p.y));
+        const x1 = Math.min(st.width, Math.round(q.x)), y1 = Math.min(st.height, Math.round(q.y));
+        return [x0, y0, x1 - x0, y1 - y0]; }""", [list(a), list(b)])
+
+
+def _server_session(service):
+    (session,) = [s for s in service.registry.sessions() if s.transcript]
+    return session
+
+
+def _assert_answered_from(page, service, box: list[int], question: str) -> None:
+    """The handler got ``box``: the page's status and the question's header name it, the session holds it, and the
+    answer's evidence lies inside it."""
+    x, y, w, h = box
+    assert w > 10 and h > 10
+    header = f"[region {x},{y} {w}×{h} px] {question}"
+    # the status line is the answer's last update; it names the box, so it tells this answer from the one before
+    page.wait_for_selector(f"#sc-status:has-text('Answered from the region {x},{y} {w}×{h} px')", timeout=90000)
+    assert page.locator('#sc-chat [data-testid="user"]').last.inner_text().strip() == header
+    session = _server_session(service)
+    assert tuple(session.region) == (x, y, w, h)
+    assert session.evidence
+    ps = float(session.heatmap.patch_size_level0)
+    for e in session.evidence:  # every evidence box overlaps the region (patches whose area lies in it)
+        bx, by, bw, bh = e["box"]
+        assert bx < x + w + ps and by < y + h + ps and bx + bw > x - ps and by + bh > y - ps, (e["box"], box)
 
 
 def test_viewer_on_synthslide_with_layers(page, demo_app, synth_dataset, test_output):
