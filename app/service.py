@@ -53,6 +53,7 @@ class SlideSummary:
     num_patches: int
     cached: bool  # features came from the on-disk cache (no encoding)
     seconds: float
+    notice: str | None = None  # the out-of-distribution warning when the slide is unlike the training slides
 
 
 @dataclass
@@ -228,9 +229,14 @@ class ChatService:
             session.heatmap, session.transcript = None, []
             n = int(encoded.features.features.shape[0])
             session.info = _slide_facts(name, tiled.info, tiled.level0, mpp, tiled.tissue, n, encoded.sha256)
+            ood = getattr(encoded, "ood", None)  # None: the checkpoint has no training feature statistics
+            if ood is not None:
+                session.info["like training slides"] = (f"{'no' if ood.flagged else 'yes'} (score {ood.score:.1f}, "
+                                                        f"threshold {ood.threshold:.1f})")
             session.touch()
             return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
-                                seconds=time.perf_counter() - t0)
+                                seconds=time.perf_counter() - t0,
+                                notice=ood.message if ood is not None and ood.flagged else None)
 
     def _switch_slide(self, session: SlideSession, path: Path, mpp: float | None) -> None:
         """Forget another slide this session had open, and open ``path`` in the viewer unless it is there."""

@@ -37,6 +37,7 @@ CSS = """
 .sc-info {background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary);}
 .sc-ok {background: #ecfdf5; border: 1px solid #10b981; color: #065f46;}
 .sc-error {background: #fef2f2; border: 1px solid #ef4444; color: #991b1b;}
+.sc-warn {background: #fffbeb; border: 1px solid #f59e0b; color: #92400e; margin-top: 0.3rem;}
 .sc-banner {background: #fffbeb; border: 1px solid #f59e0b; color: #92400e; padding: 0.55rem 0.8rem;
              border-radius: 8px; margin-bottom: 0.4rem;}
 .sc-legend {display: flex; align-items: center; gap: 0.5rem; font-size: 0.8rem; color: var(--body-text-color-subdued);}
@@ -98,8 +99,8 @@ ASK_JS = """(question, show, alpha, region) => {
 
 
 def _status(kind: str, text: str) -> str:
-    """An HTML status line: kind is info | ok | error. ``text`` is escaped (it may hold user file names)."""
-    icon = {"info": "ℹ", "ok": "✓", "error": "⚠"}[kind]  # plain symbols: no emoji font needed
+    """An HTML status line: kind is info | ok | warn | error. ``text`` is escaped (it may hold user file names)."""
+    icon = {"info": "ℹ", "ok": "✓", "warn": "⚠", "error": "⚠"}[kind]  # plain symbols: no emoji font needed
     body = html.escape(text).replace("\n", "<br>")
     return f'<div class="sc-status sc-{kind}" role="{"alert" if kind == "error" else "status"}">{icon} {body}</div>'
 
@@ -218,6 +219,8 @@ class Handlers:
             how = "features reused from the cache" if summary.cached else f"encoded in {summary.seconds:.1f} s"
             status = _status("ok", f"Opened {name}: {summary.num_patches} tissue patches ({how}). "
                                    "Ask a question below.")
+            if summary.notice:
+                status += _status("warn", summary.notice)
         except SlideChatError as exc:
             if session.busy is None:
                 session.clear_slide()
