@@ -49,8 +49,8 @@ def test_ood_notice_in_status_only_for_unlike_slides(tiny_slide_assistant, synth
 
         feats = np.asarray(service.registry.get("no-stats").slide.features.features, dtype=np.float32)
         rng = np.random.default_rng(0)
-        alike = [feats[rng.permutation(len(feats))[: max(8, len(feats) // 2)]] + rng.normal(0, 0.01, (1, feats.shape[1]))
-                 for _ in range(10)]
+        half = max(8, len(feats) // 2)
+        alike = [feats[rng.permutation(len(feats))[:half]] + rng.normal(0, 0.01, (1, feats.shape[1])) for _ in range(10)]
         assistant.stats = compute_feature_stats(alike, rank=8, folds=5)
         status, facts = open_status("alike")
         assert "sc-warn" not in status and facts["like training slides"].startswith("yes")
