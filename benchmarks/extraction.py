@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args.synth_size = args.synth_size or ("tiny" if quick else "small")
     args.rounds = args.rounds or (2 if quick else 3)
     args.max_patches = {"demo-cnn": args.cnn_patches if args.cnn_patches is not None else (128 if quick else 1024),
-                        "vit-b16": args.vit_patches if args.vit_patches is not None else (8 if quick else 64)}
+                        "vit-b16": args.vit_patches if args.vit_patches is not None else (4 if quick else 64)}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"extraction{'_quick' if quick else ''}.json")
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `slidechat` sets it before torch loads

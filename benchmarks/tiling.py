@@ -20,6 +20,7 @@ openslide-python openslide-bin``); a peer that is not installed is skipped.
 
     python benchmarks/tiling.py                  # SynthSlide medium + formats + CMU-1, ~2-3 min on 2 cores
     python benchmarks/tiling.py --synth-size large --rounds 5
+    python benchmarks/tiling.py --j2k-decoders       # the JPEG 2000 decoding options, tiles per CPU-second
 """
 
 from __future__ import annotations
@@ -210,6 +211,77 @@ def bench_decode_limit(path: Path, grid, dataset, blocks: list[int], n_patches: 
             "tiles_per_s": len(tiles) / elapsed, "tile_size": [tw, th]}
 
 
+J2K_COMPRESSIONS = (33003, 33004, 33005, 34712)
+
+
+def bench_j2k_decoders(path: Path, rounds: int = 3, max_tiles: int = 120) -> dict | None:
+    """Tiles per CPU-second of the JPEG 2000 decoding options on level 0's stored tiles (one thread each):
+    tifffile's decode (what the reader uses), imagecodecs with 1 / 2 codec threads, OpenSlide reading the
+    same tiles, and for a level finer than the target: full decode + 2x resize against Pillow's
+    half-resolution decode (``reduce=1``; imagecodecs has no resolution-level option)."""
+    import io
+
+    import imagecodecs
+    import tifffile
+    from PIL import Image
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[0].keyframe
+        if int(page.compression) not in J2K_COMPRESSIONS or not page.is_tiled:
+            return None
+        tw, th = page.tilewidth, page.tilelength
+        n_x, n_y = page.imagewidth // tw, page.imagelength // th  # whole tiles only
+        picks = [(tx, ty) for ty in range(n_y) for tx in range(n_x)][:max_tiles]
+        fh = tf.filehandle
+        raw = []
+        for tx, ty in picks:
+            j = ty * -(-page.imagewidth // tw) + tx
+            fh.seek(page.dataoffsets[j])
+            raw.append((fh.read(page.databytecounts[j]), j))
+
+        def pil_reduced(data):
+            im = Image.open(io.BytesIO(data))
+            im.reduce = 1
+            im.load()
+            return np.asarray(im)
+
+        def full_then_resize(data):
+            tile = imagecodecs.jpeg2k_decode(data, numthreads=1)
+            return np.asarray(Image.fromarray(tile).resize((tw // 2, th // 2), Image.Resampling.BILINEAR))
+
+        options = {
+            "tifffile": lambda: [page.decode(d, j) for d, j in raw],
+            "imagecodecs_1_thread": lambda: [imagecodecs.jpeg2k_decode(d, numthreads=1) for d, _ in raw],
+            "imagecodecs_2_threads": lambda: [imagecodecs.jpeg2k_decode(d, numthreads=2) for d, _ in raw],
+            "half_res_full_then_resize": lambda: [full_then_resize(d) for d, _ in raw],
+            "half_res_pillow_reduce": lambda: [pil_reduced(d) for d, _ in raw],
+        }
+        try:
+            import openslide
+
+            def read_openslide():
+                with openslide.OpenSlide(str(path)) as slide:  # a new handle: its tile cache starts empty
+                    for tx, ty in picks:
+                        slide.read_region((tx * tw, ty * th), 0, (tw, th))
+
+            options["openslide"] = read_openslide
+        except ImportError:
+            pass
+        runs: dict[str, list[float]] = {k: [] for k in options}
+        for _ in range(rounds):
+            for name, fn in options.items():
+                c0 = time.process_time()
+                fn()
+                runs[name].append(len(raw) / max(time.process_time() - c0, 1e-9))
+        diff = float(np.abs(full_then_resize(raw[0][0]).astype(int) - pil_reduced(raw[0][0]).astype(int)).mean())
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    ratios = {f"{k}_over_tifffile": v / med["tifffile"] for k, v in med.items() if k != "tifffile"}
+    ratios["half_res_pillow_reduce_over_half_res_full_then_resize"] = (
+        med["half_res_pillow_reduce"] / med["half_res_full_then_resize"])
+    return {"slide": str(path), "tiles": len(raw), "tile_size": [tw, th], "tiles_per_cpu_s": med, "ratios": ratios,
+            "half_res_mean_abs_diff": diff}
+
+
 def bench_slide(path: Path, args) -> dict:
     from slidechat.slide.reader import SlideReader
     from slidechat.slide.tiling import PatchBlockDataset, make_tile_grid
@@ -345,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-mpp", type=float, default=0.5)
     p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tiling.json"), help="JSON path (+ .png)")
+    p.add_argument("--j2k-decoders", action="store_true",
+                   help="only compare the JPEG 2000 decoding options on the J2K slides (tiles per CPU-second)")
     args = p.parse_args(argv)
 
     slides = [Path(s) for s in args.slides]
@@ -352,6 +426,21 @@ def main(argv: list[str] | None = None) -> int:
         synth = ensure_synth(args.synth_size, Path(args.synth_dir) / args.synth_size)
         slides = [synth, *ensure_formats(synth, Path(args.synth_dir) / "formats", args.format_side), *slides]
     slides.append(CMU)
+    if args.j2k_decoders:
+        found = [r for r in (bench_j2k_decoders(s, args.rounds) for s in slides) if r is not None]
+        for r in found:
+            print(f"{Path(r['slide']).name}: {r['tiles']} tiles of {r['tile_size'][0]}x{r['tile_size'][1]}, "
+                  f"tiles per CPU-second (median of {args.rounds})")
+            for k, v in r["tiles_per_cpu_s"].items():
+                print(f"  {k:<28}{v:8.1f}")
+            for k, v in r["ratios"].items():
+                print(f"  {k:<56}{v:6.2f}")
+            print(f"  half-resolution pixels, Pillow reduce vs resize: mean |diff| {r['half_res_mean_abs_diff']:.2f}")
+        out = Path(args.out).with_name(Path(args.out).stem + "_j2k_decoders.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"results": found, "cpu_count": os.cpu_count()}, indent=1))
+        print(f"wrote {out}")
+        return 0
     start = time.perf_counter()
     results = [bench_slide(s, args) for s in slides]
     print(f"workers={args.workers} target_mpp={args.target_mpp} patch={args.patch_size} cpus={os.cpu_count()} "
