@@ -199,6 +199,9 @@ def main() -> None:
         except ImportError as exc:
             print(json.dumps({"library": name, "skipped": str(exc)}))
             continue
+        except Exception as exc:  # a library that cannot follow a valid answer is reported, not fatal
+            print(json.dumps({"library": name, "failed": f"{type(exc).__name__}: {exc}"}))
+            continue
         print(json.dumps({"library": name, "tokenizer_s": round(tok_s, 3), "compile_s": round(compile_s, 3),
                           "mask_ms": round(mask_ms, 3), "llm_step_ms": round(step, 2)}), flush=True)
 

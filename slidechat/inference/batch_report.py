@@ -6,6 +6,10 @@ slide is done. Safe to kill at any moment: a rerun skips every id already record
 ``retry_errors`` to redo failures), cuts off a torn last line, and never duplicates a record. A slide that
 cannot be read or encoded becomes a ``status: "error"`` record and the batch goes on.
 
+Cases (``cases=`` a cases CSV, ``slidechat report --cases``): one record per case, the report written over all its
+slides in one conversation; ``slides`` lists each slide's path, label, sha256, thumbnail and heatmap. A slide that
+cannot be read makes its case an error record naming the slide; the other cases go on.
+
 Many workers, one folder: any number of processes (N shells, a Slurm array, several machines on a shared
 filesystem) may run the same command on the same ``--out``. Each claims a slide with a lock file in
 ``<out>/.locks/`` (``slidechat.utils.locks``) before working on it and appends its record to the shared
@@ -48,12 +52,14 @@ PROMPT_COLUMNS = ("prompt", "clinical_prompt", "clinical_info", "clinical")
 
 @dataclass
 class SlideJob:
-    """One slide to report on."""
+    """One slide to report on, or a case (``case_slides``: all its slides, ``slide_path`` the first)."""
 
     id: str
     slide_path: Path
     case_id: str | None = None
     prompt: str | None = None
+    case_slides: list[Path] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +84,8 @@ class BatchReportConfig:
     skip_bad_lines: bool = False  # skip (and count) malformed rows of input CSVs instead of stopping
     lock_stale_s: float = DEFAULT_STALE_AFTER_S  # a claim not refreshed for this long is taken over
     on_record: Callable[[dict], None] | None = field(default=None, repr=False)  # called after each append
+    schema: str | None = None  # report template name or file (None: the SynthSlide template)
+    cases: str | None = None  # a cases CSV: one report per case instead of per slide
 
     def __post_init__(self) -> None:
         checks = (("--max-new-tokens", self.max_new_tokens, 1, 4096),
@@ -90,6 +98,9 @@ class BatchReportConfig:
             self.mpp = check_option("mpp", self.mpp)
         if not self.lock_stale_s > 0:
             raise ConfigError(f"--lock-stale-after must be > 0 seconds; got {self.lock_stale_s!r}")
+        from slidechat.inference.report_schema import load_report_schema
+
+        self.report_schema = load_report_schema(self.schema)  # a bad template stops here, before any slide
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -141,6 +152,15 @@ def collect_jobs(inputs: list[str], prompt: str | None = None, bad_lines: BadLin
         if job.id in seen:
             raise DataError(f"slide {job.slide_path} is listed twice under the id {job.id!r}")
         seen.add(job.id)
+    return jobs
+
+
+def collect_case_jobs(path: str | Path, prompt: str | None = None, bad_lines: BadLines | None = None) -> list[SlideJob]:
+    """One job per case of a cases CSV (``slidechat.inference.case.read_cases_csv``)."""
+    from slidechat.inference.case import read_cases_csv
+
+    jobs = [SlideJob(id=c.case_id, slide_path=c.slides[0], case_id=c.case_id, prompt=prompt,
+                     case_slides=list(c.slides), labels=list(c.labels)) for c in read_cases_csv(path, bad_lines)]
     return jobs
 
 
@@ -207,60 +227,91 @@ def _extract_with_threads(assistant, path: Path, cfg: BatchReportConfig) -> str 
     return sha
 
 
-def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
-    """Encode a slide and draw its thumbnail (runs in the prefetch thread when ``in_thread``)."""
-    t0 = time.perf_counter()
+def _encode_and_thumbnail(assistant, path: Path, job_id: str, cfg: BatchReportConfig, out: Path,
+                          in_thread: bool) -> dict:
     sha = None
     if in_thread if cfg.thread_reader is None else cfg.thread_reader:
-        sha = _extract_with_threads(assistant, job.slide_path, cfg)
-    enc = assistant.encode_slide(job.slide_path, mpp=cfg.mpp, cache_dir=cfg.cache_dir, sha256=sha)
-    prep = {"enc": enc, "encode_s": time.perf_counter() - t0, "thumb": None, "size0": None}
+        sha = _extract_with_threads(assistant, path, cfg)
+    prep = {"enc": assistant.encode_slide(path, mpp=cfg.mpp, cache_dir=cfg.cache_dir, sha256=sha),
+            "thumb": None, "size0": None}
     try:
         from slidechat.utils.figures import save_image_atomic, slide_thumbnail
 
-        thumb, size0 = slide_thumbnail(job.slide_path, cfg.thumbnail_size)
-        rel = Path(THUMB_DIR) / f"{safe_name(job.id)}.jpg"
+        thumb, size0 = slide_thumbnail(path, cfg.thumbnail_size)
+        rel = Path(THUMB_DIR) / f"{safe_name(job_id)}.jpg"
         save_image_atomic(thumb, out / rel, quality=85)
         prep.update(thumb=thumb, size0=size0, thumbnail_path=str(rel))
     except Exception as exc:  # features given directly, or an odd file: no thumbnail, still a report
-        log.debug("no thumbnail for %s: %s", job.id, exc)
+        log.debug("no thumbnail for %s: %s", job_id, exc)
     return prep
 
 
-def _report_questions(prompt: str | None) -> dict[str, str] | None:
-    if not prompt:
-        return None
-    from slidechat import prompts
+def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thread: bool = False) -> dict:
+    """Encode a slide (every slide of a case) and draw its thumbnail (in the prefetch thread when ``in_thread``)."""
+    t0 = time.perf_counter()
+    if not job.case_slides:
+        prep = _encode_and_thumbnail(assistant, job.slide_path, job.id, cfg, out, in_thread)
+        prep["encode_s"] = time.perf_counter() - t0
+        return prep
+    from slidechat.inference.case import Case
 
-    questions = dict(prompts.REPORT_QUESTIONS)
-    questions["summary"] = f"Clinical information: {prompt.strip()}\n{questions['summary']}"
-    return questions
+    slides = []
+    for i, path in enumerate(job.case_slides):
+        try:
+            slides.append(_encode_and_thumbnail(assistant, path, f"{job.id}-{i + 1}", cfg, out, in_thread))
+        except SlideChatError as exc:
+            raise type(exc)(f"slide {i + 1} of case {job.id} ({path}): {exc}") from exc
+    case = Case(job.id, [p["enc"] for p in slides], job.labels)
+    return {"enc": case, "slides": slides, "encode_s": time.perf_counter() - t0,
+            "thumb": slides[0]["thumb"], "size0": slides[0]["size0"], "thumbnail_path": slides[0].get("thumbnail_path")}
+
+
+def _heatmap_files(assistant, job: SlideJob, prep: dict, out: Path) -> list[str | None]:
+    """Heatmap overlay paths, one per slide (a case: each slide's share of one conversation)."""
+    from slidechat.utils.figures import heatmap_overlay, save_image_atomic
+
+    conv = assistant.chat(prep["enc"])
+    slides = prep.get("slides") or [prep]
+    paths: list[str | None] = []
+    for i, sp in enumerate(slides):
+        hm = conv.heatmap(slide=i) if len(slides) > 1 else conv.heatmap()
+        if sp.get("thumb") is None:
+            paths.append(None)
+            continue
+        name = safe_name(job.id) if len(slides) == 1 else f"{safe_name(job.id)}-{i + 1}"
+        rel = Path(HEATMAP_DIR) / f"{name}.png"
+        save_image_atomic(heatmap_overlay(sp["thumb"], sp["size0"], hm), out / rel)
+        paths.append(str(rel))
+    return paths
 
 
 def _generate(assistant, job: SlideJob, prep: dict, cfg: BatchReportConfig, out: Path) -> dict:
-    """Report + heatmap for a prepared slide; returns the record fields."""
+    """Report + heatmap(s) for a prepared slide or case; returns the record fields."""
     enc = prep["enc"]
     t0 = time.perf_counter()
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "summary_max_new_tokens": cfg.summary_max_new_tokens}
-    questions = _report_questions(job.prompt)
-    if questions:
-        kwargs["questions"] = questions
-    rep = assistant.report(enc, **kwargs)
+    rep = assistant.report(enc, max_new_tokens=cfg.max_new_tokens, summary_max_new_tokens=cfg.summary_max_new_tokens,
+                           schema=cfg.report_schema, context=job.prompt or None)
     report_s = time.perf_counter() - t0
-    rec = {"slide_sha256": enc.sha256, "report_text": rep.text, "report_markdown": rep.to_markdown(),
-           "fields": rep.fields, "raw_answers": getattr(rep, "raw_answers", {}), "num_patches": enc.num_patches,
+    slides = prep.get("slides")
+    encs = [s["enc"] for s in slides] if slides else [enc]
+    rec = {"slide_sha256": encs[0].sha256, "schema": cfg.report_schema.name, "report_text": rep.text,
+           "report_markdown": rep.to_markdown(),
+           "fields": rep.fields, "raw_answers": getattr(rep, "raw_answers", {}),
+           "num_patches": sum(e.num_patches for e in encs),
            "thumbnail_path": prep.get("thumbnail_path"), "heatmap_path": None}
+    if slides:
+        rec["slides"] = [{"slide_path": str(p), "label": lab, "slide_sha256": s["enc"].sha256,
+                          "num_patches": s["enc"].num_patches, "thumbnail_path": s.get("thumbnail_path"),
+                          "heatmap_path": None}
+                         for p, lab, s in zip(job.case_slides, job.labels, slides)]
     heat_s = 0.0
     if cfg.heatmaps:
         t1 = time.perf_counter()
         try:
-            hm = assistant.chat(enc).heatmap()
-            if prep.get("thumb") is not None:
-                from slidechat.utils.figures import heatmap_overlay, save_image_atomic
-
-                rel = Path(HEATMAP_DIR) / f"{safe_name(job.id)}.png"
-                save_image_atomic(heatmap_overlay(prep["thumb"], prep["size0"], hm), out / rel)
-                rec["heatmap_path"] = str(rel)
+            paths = _heatmap_files(assistant, job, prep, out)
+            rec["heatmap_path"] = paths[0]
+            for entry, path in zip(rec.get("slides", []), paths):
+                entry["heatmap_path"] = path
         except Exception as exc:
             log.warning("heatmap for %s failed: %s", job.id, exc)
             rec["heatmap_error"] = f"{type(exc).__name__}: {exc}"
@@ -334,6 +385,8 @@ def _report_one(assistant, job: SlideJob, fut: cf.Future, cfg: BatchReportConfig
     t0 = time.perf_counter()
     record = {"id": job.id, "case_id": job.case_id, "slide_path": str(job.slide_path), "model": str(cfg.checkpoint),
               "prompt": job.prompt}
+    if job.case_slides:
+        record["slides"] = [{"slide_path": str(p), "label": lab} for p, lab in zip(job.case_slides, job.labels)]
     try:
         prep = fut.result()
         wait_s = time.perf_counter() - t0
@@ -417,7 +470,9 @@ def run_batch(cfg: BatchReportConfig) -> dict:
     import slidechat
 
     bad_lines = BadLines(skip=cfg.skip_bad_lines)
-    all_jobs = collect_jobs(cfg.inputs, cfg.prompt, bad_lines)  # before --out exists: a bad input leaves nothing
+    # before --out exists: a bad input leaves nothing
+    all_jobs = (collect_case_jobs(cfg.cases, cfg.prompt, bad_lines) if cfg.cases
+                else collect_jobs(cfg.inputs, cfg.prompt, bad_lines))
     num_shards, shard_id = resolve_shard(cfg.num_shards, cfg.shard_id)
     jobs = shard_jobs(all_jobs, num_shards, shard_id)
     out = Path(cfg.out_dir)

@@ -1,7 +1,9 @@
 """`slidechat report`: batch report generation over many slides (reports.jsonl + index.html).
 
     slidechat report SLIDES... --out DIR [--checkpoint demo] [--prompt TEXT]
-    slidechat report cases.csv --out DIR            # CSV: slide_path [, case_id, prompt]
+    slidechat report SLIDES... --out DIR --schema breast_carcinoma   # or --schema my_template.yaml
+    slidechat report slides.csv --out DIR           # CSV: slide_path [, case_id, prompt]
+    slidechat report --cases cases.csv --out DIR    # one report per case: case_id, slide_path [, label]
     slidechat report 'data/*.svs' --out DIR --num-shards 4 --shard-id 0
     for i in 1 2 3; do slidechat report data/ --out DIR & done   # N workers share one folder (lock files)
     accelerate launch --multi_gpu --num_processes 4 -m slidechat.cli report data/ --out DIR  # a shard per GPU
@@ -17,12 +19,23 @@ from slidechat.slide.config import option_type
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S
 
 
+def _schema_names() -> list[str]:
+    from slidechat.inference.report_schema import list_report_schemas
+
+    return list_report_schemas()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="slide files, folders, globs, or CSVs with a slide_path column "
+    parser.add_argument("inputs", nargs="*", help="slide files, folders, globs, or CSVs with a slide_path column "
                                                   "(optional case_id and prompt columns)")
+    parser.add_argument("--cases", metavar="CSV", help="a cases CSV (case_id, slide_path[, label]): one report per "
+                                                       "case over all its slides, instead of one per slide")
     parser.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     parser.add_argument("--checkpoint", default="demo", help="checkpoint folder, 'demo' or 'demo-untrained'")
     parser.add_argument("--prompt", help="clinical context given with every slide (a CSV prompt column wins)")
+    parser.add_argument("--schema", metavar="NAME_OR_FILE",
+                        help="report template: a registered name (" + ", ".join(_schema_names()) + ") or a "
+                             ".yaml/.json file (default: synthslide)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: automatic; per-process GPU under accelerate)")
     parser.add_argument("--num-shards", type=int, help="split the slide list over this many processes "
                                                        "(default: WORLD_SIZE from accelerate/torchrun, else 1)")
@@ -46,8 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Run (or resume) the batch; prints a one-line summary."""
+    from slidechat.errors import ConfigError
     from slidechat.inference.batch_report import BatchReportConfig, run_batch
 
+    if bool(args.inputs) == bool(args.cases):
+        raise ConfigError("give slides (files, folders, globs, CSVs) or --cases CSV, not both"
+                          if args.inputs else "give slides to report on (files, folders, globs, CSVs) or --cases CSV")
     cfg = BatchReportConfig(
         inputs=args.inputs, out_dir=args.out, checkpoint=args.checkpoint, device=args.device, prompt=args.prompt,
         num_shards=args.num_shards, shard_id=args.shard_id, cache_dir=args.cache_dir, heatmaps=not args.no_heatmaps,
@@ -55,12 +72,13 @@ def run(args) -> int:
         summary_max_new_tokens=args.summary_max_new_tokens, retry_errors=args.retry_errors,
         prefetch=not args.no_prefetch, progress=not args.no_progress, mpp=args.mpp,
         skip_bad_lines=args.skip_bad_lines,
-        lock_stale_s=args.lock_stale_after,
+        lock_stale_s=args.lock_stale_after, cases=args.cases, schema=args.schema,
     )
     c = run_batch(cfg)
     if c["bad_lines_summary"]:
         print(c["bad_lines_summary"], file=sys.stderr)
     where = c["index"] or f"{c['reports']} (index.html is written when every slide has a record)"
-    print(f"{c['records']}/{c['total']} slides reported: {c['ok_total']} ok, {c['error_total']} error "
+    unit = "cases" if args.cases else "slides"
+    print(f"{c['records']}/{c['total']} {unit} reported: {c['ok_total']} ok, {c['error_total']} error "
           f"({c['skipped']} done before or by other workers) -> {where}", file=sys.stderr)
     return 1 if (args.fail_on_error and c["error_total"]) else 0

@@ -29,14 +29,22 @@ def _e(value) -> str:
 def _card(rec: dict) -> str:
     status = rec.get("status", "?")
     imgs = []
-    for key, label in (("thumbnail_path", "thumbnail"), ("heatmap_path", "heatmap")):
-        if rec.get(key):
-            src = _e(Path(rec[key]).as_posix())
-            imgs.append(f'<a href="{src}"><img src="{src}" alt="{label} of {_e(rec.get("id"))}" loading="lazy"></a>')
+    slides = rec.get("slides") or [rec]  # a case record lists its slides
+    for n, entry in enumerate(slides, 1):
+        for key, label in (("thumbnail_path", "thumbnail"), ("heatmap_path", "heatmap")):
+            if entry.get(key):
+                src = _e(Path(entry[key]).as_posix())
+                what = f"{label} of {rec.get('id')}" + (f" slide {n}" if len(slides) > 1 else "")
+                imgs.append(f'<a href="{src}"><img src="{src}" alt="{_e(what)}" loading="lazy"></a>')
     body = [f'<h2 id="{_e(rec.get("id"))}">{_e(rec.get("id"))} '
-            f'<span class="status-{_e(status)}">{_e(status)}</span></h2>',
-            f'<div class="small">{_e(rec.get("slide_path"))} · sha256 {_e((rec.get("slide_sha256") or "")[:16])}'
-            f' · model {_e(rec.get("model"))}</div>']
+            f'<span class="status-{_e(status)}">{_e(status)}</span></h2>']
+    if rec.get("slides"):
+        body += [f'<div class="small">Slide {n}{" (" + _e(e.get("label")) + ")" if e.get("label") else ""}: '
+                 f'{_e(e.get("slide_path"))}</div>' for n, e in enumerate(rec["slides"], 1)]
+        body.append(f'<div class="small">model {_e(rec.get("model"))}</div>')
+    else:
+        body.append(f'<div class="small">{_e(rec.get("slide_path"))} · sha256 '
+                    f'{_e((rec.get("slide_sha256") or "")[:16])} · model {_e(rec.get("model"))}</div>')
     if rec.get("case_id"):
         body.append(f'<div class="small">case {_e(rec["case_id"])}</div>')
     if rec.get("prompt"):

@@ -101,7 +101,7 @@ class ReportField:
         """The pattern the model's answer to ``question`` must match."""
         t = self.type
         if t == "bool":
-            body = "(yes|no)"
+            body = "(yes|no|Yes|No)"
         elif t == "enum":
             body = "(" + "|".join(_escape(v) for v in self.values) + ")"
         elif t == "list":

@@ -1,0 +1,191 @@
+"""Report templates: parsing (valid and malformed), the registry, rendering, and constrained generation that
+always validates (tiny random LLM, the demo checkpoint, `slidechat report --schema`)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from slidechat.cli import main
+from slidechat.inference.report_schema import (ReportSchemaError, list_report_schemas, load_report_schema,
+                                               parse_report_schema, register_report_schema,
+                                               unregister_report_schema)
+from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, QUADRANTS
+from slidechat.utils.io import read_jsonl
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def _minimal(**field):
+    return {"name": "t", "fields": [{"name": "grade", "type": "number", "question": "Grade?", "min": 1, "max": 3,
+                                     **field}]}
+
+
+# ------------------------------------------------------------------ parsing + registry
+def test_shipped_templates_are_registered_and_synthslide_matches_the_generator():
+    assert {"synthslide", "breast_carcinoma"} <= set(list_report_schemas())
+    s = load_report_schema()  # the default
+    assert s.name == "synthslide"
+    assert list(s.field("tissue_types").values) == list(DISPLAY_NAMES.values())
+    assert list(s.field("lesion_type").values) == list(LESION_DISPLAY.values())
+    assert list(s.field("lesion_location").values) == list(QUADRANTS)
+    from slidechat import prompts
+
+    asked = {f.name: f.question for f in s.fields if f.asked}
+    assert asked == {k: v for k, v in prompts.REPORT_QUESTIONS.items() if k != "summary"}
+    assert s.summary_question == prompts.REPORT_QUESTIONS["summary"]
+
+
+def test_breast_template_loads_validates_and_renders():
+    s = load_report_schema("breast_carcinoma")
+    grade = s.field("nottingham_grade")
+    assert (grade.type, grade.min, grade.max) == ("number", 1, 3)
+    values = {f.name: None for f in s.fields}
+    values.update(histologic_type="invasive lobular carcinoma", nottingham_grade=2, tubule_formation_score=3,
+                  nuclear_pleomorphism_score=2, mitotic_count_score=1, tumor_size_mm=14.5,
+                  margin_status="negative", lymphovascular_invasion="not identified", dcis_present=False,
+                  summary="Invasive lobular carcinoma.")
+    assert s.validate(values) == []
+    text = "\n".join(s.render_lines(values))
+    assert "HISTOLOGIC GRADE (NOTTINGHAM): 2 (tubules 3, nuclei 2, mitoses 1)." in text
+    assert "TUMOUR SIZE: 14.5 mm." in text and text.endswith("DIAGNOSIS: Invasive lobular carcinoma.")
+    assert s.validate({**values, "nottingham_grade": 4}) == ["nottingham_grade: 4 outside 1..3"]
+    assert any("dcis_nuclear_grade" in p for p in s.validate({**values, "dcis_nuclear_grade": "high"}))
+    js = s.to_json_schema()
+    assert js["properties"]["tumor_size_mm"]["maximum"] == 200 and "summary" in js["required"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"type": "integer"}, "type must be one of"),
+    ({"min": 5}, "min 5 is above max 3"),
+    ({"question": ""}, "needs a 'question'"),
+    ({"values": ["a"]}, "'values' is only for enum and list"),
+    ({"when": "nothing"}, "must name an earlier bool field"),
+    ({"colour": "red"}, "unknown key(s) ['colour']"),
+    ({"render": "GRADE: {grde}"}, "names an unknown field"),
+    ({"decimals": 7}, "'decimals' must be 0..3"),
+])
+def test_malformed_field_gives_one_clear_error_naming_the_field(change, message):
+    with pytest.raises(ReportSchemaError) as err:
+        parse_report_schema(_minimal(**change), where="my.yaml")
+    assert "my.yaml, field 'grade'" in str(err.value) and message in str(err.value)
+
+
+def test_malformed_documents(tmp_path):
+    with pytest.raises(ReportSchemaError, match="'fields' must be a non-empty list"):
+        parse_report_schema({"name": "x", "fields": []})
+    with pytest.raises(ReportSchemaError, match="a enum field needs 'values'"):
+        parse_report_schema({"name": "x", "fields": [{"name": "a", "type": "enum", "question": "q"}]})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfields: [\n")
+    with pytest.raises(ReportSchemaError, match="not valid YAML"):
+        load_report_schema(bad)
+    with pytest.raises(ReportSchemaError, match="unknown report template 'nope'"):
+        load_report_schema("nope")
+
+
+def test_register_by_name_and_load_from_file(tmp_path):
+    path = tmp_path / "grade.yaml"
+    path.write_text(yaml.safe_dump(_minimal()))
+    assert load_report_schema(path).field("grade").answer_regex() == "(3|2|1)"
+    register_report_schema("grade_only", path)
+    try:
+        assert "grade_only" in list_report_schemas() and load_report_schema("grade_only").name == "t"
+        with pytest.raises(ReportSchemaError, match="already registered"):
+            register_report_schema("grade_only", path)
+    finally:
+        unregister_report_schema("grade_only")
+
+
+def test_answer_patterns_accept_exactly_the_valid_answers():
+    s = load_report_schema()
+    pct = s.field("tumor_fraction_percent")
+    rx = re.compile(pct.answer_regex())
+    assert all(rx.fullmatch(a) for a in ("0%", "35%", "100%", "7"))
+    assert not any(rx.fullmatch(a) for a in ("101%", "-3%", "35 %", "abc"))
+    assert pct.parse_answer("35%") == 35.0
+    tt = s.field("tissue_types")
+    assert tt.parse_answer("necrosis, fibrous stroma, necrosis") == ["fibrous stroma", "necrosis"]
+    size = load_report_schema("breast_carcinoma").field("tumor_size_mm")
+    rs = re.compile(size.answer_regex())
+    assert rs.fullmatch("14.5 mm") and rs.fullmatch("200") and not rs.fullmatch("200.5") and not rs.fullmatch("14.55")
+
+
+# ------------------------------------------------------------------ constrained generation
+def _features(n: int, seed: int = 0):
+    import numpy as np
+
+    from slidechat.features.store import SlideFeatures
+
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n * 1.5)))
+    cells = rng.permutation(side * side)[:n]
+    xy = np.stack([cells % side, cells // side], 1).astype(np.int64) * 256
+    return SlideFeatures(features=rng.standard_normal((n, 32)).astype(np.float32), coords=xy,
+                         attrs={"slide_id": f"s{n}", "slide_sha256": f"schema-{n}-{seed}", "patch_size_level0": 256})
+
+
+def test_untrained_model_reports_validate_under_every_shipped_template(tiny_qformer_chat):
+    """A random LLM writes garbage unconstrained; under the templates every field is still valid."""
+    for name in ("synthslide", "breast_carcinoma"):
+        schema = load_report_schema(name)
+        for seed in range(3):
+            rep = tiny_qformer_chat.report(_features(60 + seed, seed), schema=name, max_new_tokens=8,
+                                           summary_max_new_tokens=4, evidence_k=0)
+            assert schema.validate(rep.fields) == [], (name, rep.raw_answers)
+            assert all(re.fullmatch(schema.field(k).answer_regex(), a)
+                       for k, a in rep.raw_answers.items() if a and k != "summary"), rep.raw_answers
+            assert rep.to_dict()["schema"] == name and rep.text.splitlines()[0].split(":")[0].isupper()
+
+
+def test_free_text_path_is_kept(tiny_qformer_chat):
+    rep = tiny_qformer_chat.report(_features(70), schema=False, max_new_tokens=4, summary_max_new_tokens=4,
+                                   evidence_k=0)
+    assert rep.schema is None and rep.text.startswith("TISSUE TYPES:") and "schema" in rep.to_dict()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    import slidechat
+
+    return slidechat.load("demo", device="cpu")
+
+
+def test_demo_checkpoint_fields_validate_and_text_agrees(demo, synth_dataset, tmp_path):
+    schema = load_report_schema()
+    path = sorted((synth_dataset / "slides").glob("*.tiff"))[0]
+    slide = demo.encode_slide(path, cache_dir=tmp_path / "cache")
+    rep = demo.report(slide, summary_max_new_tokens=8, evidence_k=2)
+    assert schema.validate(rep.fields) == [], rep.raw_answers
+    assert rep.fields["dominant_tissue"] in rep.fields["tissue_types"]  # the trained model is self-consistent
+    assert f"TISSUE TYPES: {', '.join(rep.fields['tissue_types'])}." in rep.text
+    assert rep.fields["necrosis_present"] == ("necrosis" in rep.fields["tissue_types"])
+    assert rep.fields["summary"] and rep.text.endswith(rep.fields["summary"]) and len(rep.evidence) == 2
+    md = rep.to_markdown()
+    assert md.startswith("## Slide report: ") and "| tumor fraction percent |" in md
+
+
+def test_report_cli_with_a_template_file(synth_dataset, tiny_checkpoint_dir, tmp_path):
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({"name": "mini", "fields": [
+        {"name": "lesion_present", "type": "bool", "question": "Is there a focal lesion in this slide?"},
+        {"name": "grade", "type": "number", "question": "Grade?", "min": 1, "max": 3, "when": "lesion_present"},
+        {"name": "margin", "type": "enum", "question": "Margins?", "values": ["negative", "positive"]}]}))
+    slides = sorted((synth_dataset / "slides").glob("*.tiff"))[:2]
+    out = tmp_path / "out"
+    assert main(["report", *map(str, slides), "--out", str(out), "--checkpoint", str(tiny_checkpoint_dir),
+                 "--cache-dir", str(tmp_path / "cache"), "--schema", str(path), "--no-progress",
+                 "--no-heatmaps", "--thumbnail-size", "64"]) == 0
+    recs = read_jsonl(out / "reports.jsonl")
+    schema = load_report_schema(path)
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
+    for r in recs:
+        assert set(r["fields"]) == {"lesion_present", "grade", "margin"} and schema.validate(r["fields"]) == []
+        assert r["schema"] == "mini" and r["report_text"].startswith("LESION PRESENT: ")
+    assert "margin" in (out / "index.html").read_text()
+    assert main(["report", str(slides[0]), "--out", str(tmp_path / "o2"), "--schema", "no_such_template",
+                 "--checkpoint", str(tiny_checkpoint_dir)]) != 0
+    json.dumps(recs)
