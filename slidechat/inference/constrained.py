@@ -1,12 +1,13 @@
 """Constrained decoding for report fields: each answer is generated under its field's regular expression, so it
 always parses into a valid value, whatever the model would have said unconstrained.
 
-The grammar engine is xgrammar. Measured on CPU with the demo checkpoint's LLM (SmolLM2-135M, 49k tokens;
-``benchmarks/report_constrained.py``): xgrammar builds its tokenizer view in ~0.5 s, compiles the SynthSlide
-fields' patterns in ~10 ms and adds ~1.2 ms per generated token (bitmask + apply); lm-format-enforcer needs ~4 s
-of tokenizer setup, 0.36 s to compile and ~15 ms per token (its transformers integration does not import on
-transformers 5); outlines-core has no offline way to build the vocabulary of a local tokenizer (a hand-built
-byte vocabulary rejected a valid token path). The bitmask is applied to the logits through ``Conversation.ask(logits_processor=...)``,
+The grammar engine is xgrammar, chosen by measuring on CPU with the demo checkpoint's LLM (SmolLM2-135M, 49k
+tokens; ``benchmarks/report_constrained.py``, shared 2-core machine): per-token mask cost is alike and negligible
+(xgrammar ~0.4-0.5 ms, lm-format-enforcer ~0.4-0.5 ms, against ~220-250 ms for one LLM step there), so setup
+decides: xgrammar builds its tokenizer view in ~0.3-0.4 s and compiles the SynthSlide fields' patterns in ~5 ms;
+lm-format-enforcer takes ~2.7 s and ~0.26 s (and its transformers integration does not import on transformers 5);
+outlines-core has no offline way to read a local tokenizer's vocabulary (a hand-built byte vocabulary rejected a
+valid token path). The bitmask is applied to the logits through ``Conversation.ask(logits_processor=...)``,
 so a field is decoded by the conversation's own loop with its key/value reuse.
 """
 
