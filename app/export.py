@@ -61,7 +61,8 @@ def report_record(report: Any, slide_info: dict, model_label: str = "", evidence
 def evidence_caption(entry: dict, mpp: float | None = None) -> str:
     x, y, w, h = entry["box"]
     size = f"{w * mpp:.0f} × {h * mpp:.0f} µm" if mpp else f"{w} × {h} px"
-    return f"#{entry['rank']} · score {entry['score']:.2f} · at ({x:,}, {y:,}) · {size}"
+    where = f"{entry['slide_name']} · " if entry.get("slide_name") else ""
+    return f"#{entry['rank']} · {where}score {entry['score']:.2f} · at ({x:,}, {y:,}) · {size}"
 
 
 def evidence_html(evidence: list[dict], mpp: float | None = None) -> str:
@@ -70,7 +71,9 @@ def evidence_html(evidence: list[dict], mpp: float | None = None) -> str:
     for e in evidence:
         box = html.escape(json.dumps([int(v) for v in e["box"]]))
         img = _img_tag(e.get("crop"), evidence_caption(e, mpp), max_side=384, figure=False)
-        figs.append(f'<figure class="sc-crop" data-box="{box}" data-rank="{int(e["rank"])}" title="show on the slide">'
+        slide = f' data-slide="{int(e["slide"])}"' if "slide" in e else ""
+        figs.append(f'<figure class="sc-crop" data-box="{box}" data-rank="{int(e["rank"])}"{slide} '
+                    'title="show on the slide">'
                     f'{img}<figcaption>{html.escape(evidence_caption(e, mpp))}</figcaption></figure>')
     return "".join(figs)
 

@@ -69,9 +69,27 @@ class TiledSlide:
     patch_size_level0: float | None
 
 
-def shown_question(question: str, box: tuple[int, int, int, int] | None) -> str:
-    """The question as the conversation shows it: a region question starts with its level-0 box."""
-    return question if box is None else f"[region {box[0]},{box[1]} {box[2]}×{box[3]} px] {question}"
+@dataclass
+class CaseSlide:
+    """One slide of a case opened in the app: what the viewer and the evidence need to show it again."""
+
+    name: str  # as answers name it: "Slide 2 (label)"
+    path: Path
+    mpp: float | None
+    tiled: TiledSlide
+    encoded: Any  # EncodedSlide
+    thumbnail: Any
+    outlined: Any
+    layers: dict  # viewer overlays (tissue outline, patch grid)
+
+
+def shown_question(question: str, box: tuple[int, int, int, int] | None, slide_name: str | None = None) -> str:
+    """The question as the conversation shows it: a region question starts with its level-0 box (and, in a case,
+    the slide it is on)."""
+    if box is None:
+        return question
+    where = f"{slide_name} " if slide_name else ""
+    return f"[{where}region {box[0]},{box[1]} {box[2]}×{box[3]} px] {question}"
 
 
 def safe_filename(name: str, default: str = "slide") -> str:
@@ -141,8 +159,10 @@ class ChatService:
         Path(config.features_dir).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ slides
-    def ingest_upload(self, session: SlideSession, uploaded: str | Path, original_name: str | None = None) -> Path:
-        """Check the upload's size and move it into the session's private folder. Returns the new path."""
+    def ingest_upload(self, session: SlideSession, uploaded: str | Path, original_name: str | None = None,
+                      keep: bool = False) -> Path:
+        """Check the upload's size and move it into the session's private folder (``keep``: keep the files already
+        there, as for the next slide of a case). Returns the new path."""
         src = Path(uploaded)
         name = safe_filename(original_name or src.name)
         if not src.is_file():
@@ -157,7 +177,8 @@ class ChatService:
             src.unlink(missing_ok=True)
             raise SlideReadError(f"{name}: the file is empty; re-export or re-copy the slide")
         with session.task("receiving an upload"):
-            session.clear_slide()
+            if not keep:
+                session.clear_slide()
             dest_dir = session.workdir / "upload"
             dest_dir.mkdir(parents=True, exist_ok=True)
             dest = dest_dir / name
@@ -166,6 +187,15 @@ class ChatService:
             except OSError:
                 shutil.copyfile(src, dest)
         return dest
+
+    def ingest_uploads(self, session: SlideSession, uploaded: list[str | Path],
+                       original_names: list[str] | None = None) -> list[Path]:
+        """``ingest_upload`` for the files of one case: the session's previous files go once, then each moves in."""
+        names = list(original_names or [Path(u).name for u in uploaded])
+        paths: list[Path] = []
+        for i, (src, name) in enumerate(zip(uploaded, names)):
+            paths.append(self.ingest_upload(session, src, name, keep=i > 0))
+        return paths
 
     def open_viewer(self, session: SlideSession, path: str | Path, mpp: float | None = None) -> Any:
         """Register ``path`` with the tile server for this session (the viewer can show it at once); returns the
@@ -238,8 +268,83 @@ class ChatService:
                                 seconds=time.perf_counter() - t0,
                                 notice=ood.message if ood is not None and ood.flagged else None)
 
+    def open_case(self, session: SlideSession, paths: list[str | Path], *, names: list[str] | None = None,
+                  mpp: float | None = None, progress: ProgressFn | None = None) -> SlideSummary:
+        """Open several slides as one case: each is tiled and encoded as ``open_slide`` does, one conversation
+        covers them all (answers name the slide they are about), and the viewer shows slide 1
+        (``select_slide`` switches)."""
+        from slidechat.inference.case import Case, MAX_CASE_SLIDES
+
+        paths = [Path(p) for p in paths]
+        names = list(names or [p.name for p in paths])
+        if not 2 <= len(paths) <= MAX_CASE_SLIDES:
+            raise SlideChatError(f"a case is 2 to {MAX_CASE_SLIDES} slides, got {len(paths)}; open a single slide "
+                                 "on its own instead")
+        t0 = time.perf_counter()
+        stages_seen: set[str] = set()
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            stages_seen.add(stage)
+            if progress is not None:
+                progress(stage, int(done), int(total))
+
+        with session.task("opening a case"):
+            session.forget_slide()  # the case's own uploads may lie in the session folder
+            members: list[CaseSlide] = []
+            for path, name in zip(paths, names):
+                try:
+                    viewer = self.open_viewer(session, path, mpp)
+                    tiled = self._tile(session, path, mpp, on_progress)
+                    encoded = self.assistant.encode_slide(path, mpp=mpp, progress=on_progress,
+                                                          cache_dir=self.config.features_dir)
+                except SlideChatError as exc:
+                    session.clear_slide()
+                    raise type(exc)(_open_error_text(exc, path, name)) from exc
+                self._set_grid_layer(session, encoded, tiled)
+                members.append(CaseSlide(name=name, path=path, mpp=viewer.mpp, tiled=tiled, encoded=encoded,
+                                         thumbnail=session.thumbnail, outlined=session.outlined,
+                                         layers=dict(viewer.overlays)))
+            case = Case("", [m.encoded for m in members], names)
+            conversation = self.assistant.chat(case, max_new_tokens=self.config.max_new_tokens)
+            for i, m in enumerate(members):
+                m.name = case.name(i)
+            session.case, session.conversation = members, conversation
+            session.source_name = names[0]
+            session.transcript = []
+            self._show_case_slide(session, 0)
+            n = sum(m.encoded.num_patches for m in members)
+            session.info = {"case": f"{len(members)} slides, {n} tissue patches"}
+            session.info.update({m.name: f"{m.encoded.num_patches} patches" for m in members})
+            session.touch()
+            return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
+                                seconds=time.perf_counter() - t0)
+
+    def select_slide(self, session: SlideSession, index: int) -> None:
+        """Show slide ``index`` of the open case in the viewer (its layers and its heatmap of the last answer)."""
+        if not session.case:
+            raise SlideChatError("no case is open: open two or more slides together first")
+        if not 0 <= int(index) < len(session.case):
+            raise SlideChatError(f"this case has slides 1 to {len(session.case)}, not {int(index) + 1}")
+        with session.task("switching slides"):
+            self._show_case_slide(session, int(index))
+
+    def _show_case_slide(self, session: SlideSession, index: int) -> None:
+        m = session.case[index]
+        viewer = self.open_viewer(session, m.path, m.tiled.mpp)
+        viewer.overlays.update(m.layers)
+        session.active = index
+        session.slide, session.tiled = m.encoded, m.tiled
+        session.thumbnail, session.outlined, session.level0_size = m.thumbnail, m.outlined, m.tiled.level0
+        heatmaps = session.case_heatmaps or []
+        session.heatmap = heatmaps[index] if index < len(heatmaps) else None
+        self._set_heatmap_layer(session)
+        session.viewer_version += 1
+
     def _switch_slide(self, session: SlideSession, path: Path, mpp: float | None) -> None:
-        """Forget another slide this session had open, and open ``path`` in the viewer unless it is there."""
+        """Forget another slide (or a case) this session had open, and open ``path`` in the viewer unless it is
+        there."""
+        if session.case:
+            session.forget_slide()
         if session.slide is not None and session.slide.source_path is not None \
                 and Path(session.slide.source_path) != path:
             session.clear_slide()
@@ -330,8 +435,11 @@ class ChatService:
                                  f"{self.config.max_question_chars}")
         box = parse_region(region) if region not in (None, "") else None
         with session.task("answering a question"):
-            conv = session.conversation.region_conversation(box) if box is not None else session.conversation
-            session.transcript.append({"role": "user", "content": shown_question(question, box)})
+            conv = session.conversation
+            if box is not None:
+                conv = conv.region_conversation(box, session.active) if session.case else conv.region_conversation(box)
+            session.transcript.append({"role": "user", "content": shown_question(
+                question, box, session.case[session.active].name if session.case and box is not None else None)})
             answer = ""
             try:
                 for piece in conv.ask(question, stream=True, max_new_tokens=max_new_tokens or self.config.max_new_tokens):
@@ -340,18 +448,45 @@ class ChatService:
             finally:
                 session.transcript.append({"role": "assistant", "content": answer.strip() or "…"})
             session.region = box
+            session.region_slide = session.active if box is not None else None
             self._after_answer(session, conv)
 
     def _after_answer(self, session: SlideSession, conv: Any) -> None:
         """Heatmap -> heatmap layer -> evidence crops; a failing step records why and leaves the others."""
         session.heatmap = session.heatmap_error = session.evidence_error = None
         session.evidence = []
+        whole_case = bool(session.case) and session.region is None
         try:
-            session.heatmap = self._heatmap(conv)
+            if whole_case:  # one heatmap per slide of the case; the viewer shows the slide in view's
+                session.case_heatmaps = [self._heatmap(conv, i) for i in range(len(session.case))]
+                session.heatmap = session.case_heatmaps[session.active]
+            else:
+                session.heatmap = self._heatmap(conv)
+                if session.case:
+                    session.case_heatmaps = [None] * len(session.case)
+                    session.case_heatmaps[session.active] = session.heatmap
         except Exception as exc:
             log.exception("heatmap failed")
             session.heatmap_error = f"heatmap unavailable ({user_message(exc)})"
         session.viewer_version += 1
+        self._set_heatmap_layer(session)
+        hm = session.heatmap
+        if hm is None:
+            session.evidence_error = session.heatmap_error or "no heatmap for this answer"
+            return
+        try:
+            if whole_case:
+                regions = conv.evidence(self.config.evidence_k)
+            else:
+                from slidechat.inference.evidence import top_regions
+
+                regions = [r.on_slide(session.active) for r in top_regions(hm, self.config.evidence_k)]
+            session.evidence = self._evidence(session, regions, hm.has_coords)
+        except Exception as exc:
+            log.exception("evidence failed")
+            session.evidence_error = user_message(exc)
+
+    def _set_heatmap_layer(self, session: SlideSession) -> None:
         hm = session.heatmap
         try:
             layer = None
@@ -361,37 +496,36 @@ class ChatService:
         except Exception as exc:
             log.exception("heatmap layer failed")
             session.heatmap_error = f"heatmap layer unavailable ({user_message(exc)})"
-        if hm is None:
-            session.evidence_error = session.heatmap_error or "no heatmap for this answer"
-            return
-        try:
-            session.evidence = self._evidence(session, hm)
-        except Exception as exc:
-            log.exception("evidence failed")
-            session.evidence_error = user_message(exc)
 
-    def _evidence(self, session: SlideSession, heatmap: Any) -> list[dict]:
-        from slidechat.inference.evidence import crop_region, top_regions
+    def _evidence(self, session: SlideSession, regions: list, has_coords: bool) -> list[dict]:
+        """Evidence entries (rank, box, score, slide, crop) of ``regions``, each cut from its own slide."""
+        from slidechat.inference.evidence import crop_region
 
-        regions = top_regions(heatmap, self.config.evidence_k)
-        path = session.slide.source_path
-        viewer = self.tiles.for_session(session.session_id)
         out = []
         for r in regions:
+            i = int(getattr(r, "slide", 0) or 0)
+            member = session.case[i] if session.case else None
+            path = member.path if member is not None else session.slide.source_path
             crop = None
-            if path is not None and heatmap.has_coords:
-                crop = crop_region(path, r.box, max_size=self.config.crop_size, mpp=viewer.mpp if viewer else None)
-            out.append({"rank": r.rank, "box": [int(v) for v in r.box], "score": float(r.score), "crop": crop})
+            if path is not None and has_coords:
+                viewer = self.tiles.for_session(session.session_id)
+                mpp = member.mpp if member is not None else (viewer.mpp if viewer else None)
+                crop = crop_region(path, r.box, max_size=self.config.crop_size, mpp=mpp)
+            entry = {"rank": r.rank, "box": [int(v) for v in r.box], "score": float(r.score), "crop": crop}
+            if member is not None:
+                entry.update(slide=i, slide_name=member.name)
+            out.append(entry)
         return out
 
-    def _heatmap(self, conv: Any) -> Any:
+    def _heatmap(self, conv: Any, slide: int | None = None) -> Any:
+        kw = {} if slide is None else {"slide": slide}
         with self._heatmap_lock:
             try:
-                return conv.heatmap(weighting="llm")
+                return conv.heatmap(weighting="llm", **kw)
             except TypeError:  # a model whose heatmap takes no weighting
-                return conv.heatmap()
+                return conv.heatmap(**kw)
             except SlideChatError:
-                return conv.heatmap()
+                return conv.heatmap(**kw)
 
     def viewer_state(self, session: SlideSession) -> dict[str, Any]:
         """What the page's viewer needs: the Deep Zoom URL, layer URLs and widths, mpp, evidence boxes."""
@@ -407,9 +541,11 @@ class ChatService:
         return {
             "dzi": f"{slide.base_url}/slide.dzi", "width": width, "height": slide.zoom.height, "mpp": slide.mpp,
             "overlays": layers, "version": v,
-            "evidence": [{k: e[k] for k in ("rank", "box", "score")} for e in session.evidence],
-            "region": list(session.region) if session.region else None,
+            "evidence": [{k: e[k] for k in ("rank", "box", "score")} for e in session.evidence
+                         if e.get("slide", session.active) == session.active],
+            "region": list(session.region) if session.region and session.region_slide == session.active else None,
             "heatmap_note": session.heatmap_error or "",
+            "slide": session.active, "slides": [m.name for m in session.case],
         }
 
     def clear_chat(self, session: SlideSession) -> None:

@@ -37,6 +37,10 @@ class SlideSession:
     workdir: Path
     slide: Any = None  # EncodedSlide
     tiled: Any = None  # service.TiledSlide: tissue + patch grid of the slide being opened (before encoding)
+    case: list = field(default_factory=list)  # service.CaseSlide per slide when several are open as one case
+    active: int = 0  # the case's slide in the viewer
+    case_heatmaps: list = field(default_factory=list)  # the last answer's heatmap per slide of the case
+    region_slide: int | None = None  # the case's slide the last region question was on
     conversation: Any = None  # Conversation
     source_name: str = ""  # the file name the user uploaded / picked
     thumbnail: Any = None  # PIL.Image (plain)
@@ -77,20 +81,25 @@ class SlideSession:
 
     def clear_slide(self) -> None:
         """Forget the slide and everything derived from it (files in workdir are removed)."""
-        self.slide = self.tiled = self.conversation = self.thumbnail = self.outlined = None
-        self.heatmap = self.report = None
-        self.heatmap_error = self.evidence_error = self.region = None
-        self.evidence = []
-        self.info = {}
-        self.transcript = []
-        self.source_name = ""
-        self.level0_size = (0, 0)
+        self.forget_slide()
         if self.workdir.exists():
             for child in self.workdir.iterdir():
                 if child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
+
+    def forget_slide(self) -> None:
+        """Forget the slide (or case) and everything derived from it; files in workdir stay."""
+        self.slide = self.tiled = self.conversation = self.thumbnail = self.outlined = None
+        self.heatmap = self.report = None
+        self.heatmap_error = self.evidence_error = self.region = None
+        self.evidence = []
+        self.case, self.active, self.case_heatmaps, self.region_slide = [], 0, [], None
+        self.info = {}
+        self.transcript = []
+        self.source_name = ""
+        self.level0_size = (0, 0)
 
     def close(self) -> None:
         self.clear_slide()

@@ -234,6 +234,49 @@ class Handlers:
                gr.update(value=None, visible=False), gr.update(value=None, visible=False),
                gr.update(value=None, interactive=False), self.viewer(session), "", ""), True
 
+    # ---- a case: several slides, one conversation; the strip of thumbnails picks the slide in the viewer
+    def open_case(self, files: list | None, mpp: float | None, show: bool, alpha: float, request: gr.Request,
+                  progress=gr.Progress()):
+        session = self.session(request)
+        files = [f for f in (files or []) if f]
+        names = [Path(str(f)).name for f in files]
+        try:
+            paths = self.service.ingest_uploads(session, files, names)
+            summary = self.service.open_case(session, paths, names=[Path(n).stem for n in names], mpp=mpp or None,
+                                             progress=_progress_callback(progress))
+            how = "features reused from the cache" if summary.cached else f"encoded in {summary.seconds:.1f} s"
+            status = _status("ok", f"Opened a case of {len(session.case)} slides: {summary.num_patches} tissue "
+                                   f"patches ({how}). Answers name the slide they are about; pick a slide in the "
+                                   "strip to view it.")
+        except SlideChatError as exc:
+            if session.busy is None:
+                session.clear_slide()
+                self.service.tiles.close_session(session.session_id)
+            status = _status("error", f"Could not open this case. {user_message(exc)}")
+        except Exception as exc:
+            log.exception("opening a case failed")
+            status = _status("error", user_message(exc))
+        return (status, self.service.slide_image(session, show, alpha), _facts_markdown(session.info),
+                list(session.transcript), "", gr.update(value=None, visible=False),
+                gr.update(value=None, visible=False), gr.update(value=None, interactive=False), self.viewer(session),
+                "", "", self.strip(session))
+
+    def strip(self, session: SlideSession):
+        if not session.case:
+            return gr.update(value=None, visible=False)
+        return gr.update(value=[(m.outlined or m.thumbnail, m.name) for m in session.case], visible=True,
+                         selected_index=session.active)
+
+    def select_slide(self, show: bool, alpha: float, evt: gr.SelectData, request: gr.Request):
+        session = self.session(request)
+        try:
+            self.service.select_slide(session, int(evt.index))
+            status = _status("info", f"Viewing {session.case[session.active].name}; questions cover the whole "
+                                     "case, a drawn region is on this slide.")
+        except SlideChatError as exc:
+            status = _status("error", user_message(exc))
+        return status, self.service.slide_image(session, show, alpha), self.viewer(session), ""
+
     # ---- chat
     def ask(self, question: str, show: bool, alpha: float, region: str, request: gr.Request):
         session = self.service.registry.get(getattr(request, "session_hash", None) or "anonymous")
@@ -267,6 +310,9 @@ class Handlers:
         """The final update after an answer: the answer stays; a failed later step says so in its own place."""
         box = session.region
         where = f"the region {box[0]},{box[1]} {box[2]}×{box[3]} px" if box else "the whole slide"
+        if session.case:
+            where = (f"{where} on {session.case[session.region_slide or 0].name}" if box
+                     else f"the whole case ({len(session.case)} slides)")
         text = f"Answered from {where}. The heatmap and numbered boxes show where the model looked."
         if session.heatmap_error:
             text = f"Answered from {where}. ({session.heatmap_error}.)"
@@ -334,10 +380,16 @@ def _slide_column(config: AppConfig, examples: dict[str, Path]) -> dict[str, Any
                                         label="Synthetic example slides (ground truth in the name)",
                                         elem_id="sc-example-pick")
         c["example_btn"] = gr.Button("Open example", variant="primary", elem_id="sc-open-example")
+    with gr.Tab("Open a case"):
+        c["case_upload"] = gr.File(label="Two or more slides of one case (blocks, levels, stains)",
+                                   file_count="multiple", type="filepath", elem_id="sc-case-upload", height=110)
+        c["case_btn"] = gr.Button("Open as one case", variant="primary", elem_id="sc-open-case")
     with gr.Accordion("Advanced", open=False):
         c["mpp"] = gr.Number(label="Microns per pixel (only for slides without it in the file)",
                              value=None, minimum=0.01, maximum=100, elem_id="sc-mpp")
     c["status"] = gr.HTML(_status("info", "Upload a slide or open an example to start."), elem_id="sc-status")
+    c["strip"] = gr.Gallery(label="Slides of the case (pick one to view it)", visible=False, columns=8, rows=1,
+                            height=150, allow_preview=False, object_fit="contain", elem_id="sc-case-strip")
     gr.HTML(VIEWER_HTML)
     c["viewer_state"] = gr.HTML(_viewer_state_html({}), elem_id="sc-viewer-state")
     c["pending"] = gr.Textbox(visible=False)
@@ -391,11 +443,17 @@ def _wire_open(c: dict[str, Any], h: Handlers, model: dict) -> None:
     c["upload"].upload(h.start_upload, c["upload"], [c["status"], c["viewer_state"], c["pending"]],
                        show_progress="hidden", api_name=False, concurrency_limit=None).then(
         h.encode_upload, [c["pending"]] + settings, open_outputs + [c["upload"]], show_progress="full",
-        show_progress_on=[c["status"]], api_name="upload_slide", **model)
+        show_progress_on=[c["status"]], api_name="upload_slide", **model).then(
+        lambda: gr.update(value=None, visible=False), None, c["strip"], queue=False, api_name=False)
     c["example_btn"].click(lambda label: _status("info", f"Opening {label}…"), c["example_pick"], c["status"],
                            queue=False, show_progress="hidden", api_name=False)
     c["example_btn"].click(h.open_example, [c["example_pick"]] + settings, open_outputs, show_progress="full",
-                           show_progress_on=[c["status"]], api_name="open_example", **model)
+                           show_progress_on=[c["status"]], api_name="open_example", **model).then(
+        lambda: gr.update(value=None, visible=False), None, c["strip"], queue=False, api_name=False)
+    c["case_btn"].click(h.open_case, [c["case_upload"]] + settings, open_outputs + [c["strip"]],
+                        show_progress="full", show_progress_on=[c["status"]], api_name="open_case", **model)
+    c["strip"].select(h.select_slide, [c["show_heatmap"], c["alpha"]],
+                      [c["status"], c["image"], c["viewer_state"], c["region"]], api_name=False, **model)
 
 
 def _wire_chat(c: dict[str, Any], h: Handlers, model: dict) -> None:
@@ -423,7 +481,8 @@ def _wire_chat(c: dict[str, Any], h: Handlers, model: dict) -> None:
     c["restart_btn"].click(h.restart, None, [c[k] for k in ("chatbot", "image", "facts", "status", "report_md",
                                                             "report_files", "download_conv", "upload",
                                                             "viewer_state", "evidence", "region")],
-                           api_name="restart", concurrency_limit=None)
+                           api_name="restart", concurrency_limit=None).then(
+        lambda: gr.update(value=None, visible=False), None, c["strip"], queue=False, api_name=False)
 
 
 def build_demo(service: ChatService, examples: dict[str, Path] | None = None) -> gr.Blocks:

@@ -250,7 +250,11 @@
   // ---- wiring ---------------------------------------------------------------------------------------
   document.addEventListener("click", function (ev) {
     const crop = ev.target.closest && ev.target.closest(".sc-crop[data-box]");
-    if (crop) { S.flyTo(JSON.parse(crop.getAttribute("data-box"))); return; }
+    if (crop) {  // a crop of another slide of the case: pick that slide in the strip first
+      const on = crop.getAttribute("data-slide");
+      if (on === null || !S.state || +on === (S.state.slide || 0)) S.flyTo(JSON.parse(crop.getAttribute("data-box")));
+      return;
+    }
     if (ev.target.closest && ev.target.closest("#sc-draw-region")) { setDrawing(!S.drawing); return; }
     if (ev.target.closest && ev.target.closest("#sc-view-region")) { S.viewRegion(); return; }
     if (ev.target.closest && ev.target.closest("#sc-whole-slide")) {

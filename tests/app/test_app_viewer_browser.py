@@ -258,3 +258,26 @@ def test_viewer_on_synthslide_with_layers(page, demo_app, synth_dataset, test_ou
                            timeout=10000)
     assert page.is_visible("#sc-scalebar") and "µm" in page.inner_text("#sc-scalebar")
     page.screenshot(path=str(test_output / "app" / "viewer-6-synth-grid-heatmap.png"))
+
+
+def test_case_of_two_slides_strip_switches_viewer(page, demo_app, synth_dataset, test_output):
+    records = read_jsonl(synth_dataset / "truth.jsonl")
+    paths = [str(synth_dataset / records[i]["path"]) for i in (1, 2)]
+    page.get_by_role("tab", name="Open a case").click()
+    page.set_input_files("#sc-case-upload input[type=file]", paths)
+    page.wait_for_timeout(1500)
+    page.click("#sc-open-case")
+    page.wait_for_selector("#sc-status .sc-ok:has-text('Opened a case of 2 slides')", timeout=180000)
+    dzi = page.evaluate("() => window.SlideChatViewer.state.dzi")
+    assert page.locator("#sc-case-strip img").count() == 2
+    _ask(page, "Which slide shows a lesion?")
+    page.wait_for_selector("#sc-status:has-text('Answered from the whole case (2 slides)')", timeout=90000)
+    captions = page.locator("#sc-evidence figcaption").all_inner_texts()
+    assert captions and all(re.search(r"Slide [12] \(", c) for c in captions)  # each crop names its slide
+    page.locator("#sc-case-strip img").nth(1).click()
+    page.wait_for_function("d => window.SlideChatViewer.state && window.SlideChatViewer.state.slide === 1 && "
+                           "window.SlideChatViewer.state.dzi !== d", arg=dzi, timeout=30000)
+    page.wait_for_function("() => { const l = window.SlideChatViewer.layers.heatmap; return l && l.loaded; }",
+                           timeout=15000)
+    assert "Viewing Slide 2" in page.inner_text("#sc-status")
+    page.screenshot(path=str(test_output / "app" / "viewer-7-case-slide-2.png"))

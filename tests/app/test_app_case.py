@@ -1,0 +1,63 @@
+"""Several slides opened as one case in the app's service, on the tiny random model with a real encoder: one
+conversation over both, the viewer switches slide (its layers and heatmap follow), evidence and region questions
+name the slide they are on; opening a single slide afterwards leaves the case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slidechat.app.config import AppConfig
+from slidechat.app.service import ChatService
+from slidechat.app.session import SessionRegistry
+from slidechat.errors import SlideChatError
+from slidechat.utils.io import read_jsonl
+
+
+def test_case_of_two_slides_switches_viewer_and_names_slides(tiny_slide_assistant, synth_dataset, tmp_path):
+    records = read_jsonl(synth_dataset / "truth.jsonl")
+    paths = [synth_dataset / records[i]["path"] for i in (0, 3)]
+    service = ChatService(tiny_slide_assistant, AppConfig(cache_dir=tmp_path / "cache", n_examples=0,
+                                                          max_new_tokens=4),
+                          SessionRegistry(tmp_path / "sessions"))
+    try:
+        session = service.registry.get("case")
+        with pytest.raises(SlideChatError, match="2 to"):
+            service.open_case(session, paths[:1])
+        summary = service.open_case(session, paths, names=["A1 H&E", "B2 H&E"])
+        assert [m.name for m in session.case] == ["Slide 1 (A1 H&E)", "Slide 2 (B2 H&E)"]
+        assert summary.num_patches == sum(m.encoded.num_patches for m in session.case)
+        assert service.tiles.for_session("case").path == paths[0].resolve() and session.active == 0
+        first_dzi = service.viewer_state(session)["dzi"]
+
+        list(service.ask(session, "Which slide shows a lesion?"))
+        assert len(session.case_heatmaps) == 2
+        for i, hm in enumerate(session.case_heatmaps):
+            assert hm.scores.shape == (session.case[i].encoded.num_patches,)
+        assert session.evidence and all(e["slide_name"] == session.case[e["slide"]].name for e in session.evidence)
+        assert all(e["crop"] is not None for e in session.evidence)
+        shown = service.viewer_state(session)["evidence"]
+        assert len(shown) == sum(e["slide"] == 0 for e in session.evidence)  # the viewer boxes of slide 1 only
+
+        service.select_slide(session, 1)
+        state = service.viewer_state(session)
+        assert service.tiles.for_session("case").path == paths[1].resolve() and state["dzi"] != first_dzi
+        assert {"tissue", "grid", "heatmap"} <= set(state["overlays"])
+        assert session.heatmap is session.case_heatmaps[1] and session.level0_size == session.case[1].tiled.level0
+        assert len(state["evidence"]) == sum(e["slide"] == 1 for e in session.evidence)
+        with pytest.raises(SlideChatError, match="slides 1 to 2"):
+            service.select_slide(session, 2)
+
+        w, h = session.level0_size
+        box = (0, 0, w // 2 + 1, h)
+        list(service.ask(session, "What is here?", region=box))
+        assert session.transcript[-2]["content"] == (f"[Slide 2 (B2 H&E) region 0,0 {box[2]}×{box[3]} px] "
+                                                     "What is here?")
+        assert session.evidence and {e["slide"] for e in session.evidence} == {1}
+        coords = np.asarray(session.heatmap.coords)
+        assert (coords[:, 0] < box[2]).all()  # the region's own patches, on slide 2
+
+        service.open_slide(session, paths[0])  # a single slide again: the case is closed
+        assert session.case == [] and session.conversation.num_slides == 1
+    finally:
+        service.registry.close_all()
