@@ -260,6 +260,7 @@ def test_viewer_on_synthslide_with_layers(page, demo_app, synth_dataset, test_ou
     page.screenshot(path=str(test_output / "app" / "viewer-6-synth-grid-heatmap.png"))
 
 
+@pytest.mark.slow  # ~35 s: encodes two slides with the demo checkpoint
 def test_case_of_two_slides_strip_switches_viewer(page, demo_app, synth_dataset, test_output):
     records = read_jsonl(synth_dataset / "truth.jsonl")
     paths = [str(synth_dataset / records[i]["path"]) for i in (1, 2)]
