@@ -96,8 +96,8 @@ class BatchReportConfig:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}]; got {value!r}")
         if self.mpp is not None:
             self.mpp = check_option("mpp", self.mpp)
-        if not self.lock_stale_s > 0:
-            raise ConfigError(f"--lock-stale-after must be > 0 seconds; got {self.lock_stale_s!r}")
+        if not (isinstance(self.lock_stale_s, (int, float)) and 0 < self.lock_stale_s < float("inf")):
+            raise ConfigError(f"--lock-stale-after must be a finite number of seconds > 0; got {self.lock_stale_s!r}")
         from slidechat.inference.report_schema import load_report_schema
 
         self.report_schema = load_report_schema(self.schema)  # a bad template stops here, before any slide
@@ -266,6 +266,12 @@ def _prepare(assistant, job: SlideJob, cfg: BatchReportConfig, out: Path, in_thr
             "thumb": slides[0]["thumb"], "size0": slides[0]["size0"], "thumbnail_path": slides[0].get("thumbnail_path")}
 
 
+def _ood(enc) -> dict | None:
+    """The slide's out-of-distribution check for the record (None when the checkpoint has no statistics)."""
+    ood = getattr(enc, "ood", None)
+    return None if ood is None else ood.to_dict()
+
+
 def _heatmap_files(assistant, job: SlideJob, prep: dict, out: Path) -> list[str | None]:
     """Heatmap overlay paths, one per slide (a case: each slide's share of one conversation)."""
     from slidechat.utils.figures import heatmap_overlay, save_image_atomic
@@ -298,12 +304,13 @@ def _generate(assistant, job: SlideJob, prep: dict, cfg: BatchReportConfig, out:
            "report_markdown": rep.to_markdown(),
            "fields": rep.fields, "raw_answers": getattr(rep, "raw_answers", {}),
            "num_patches": sum(e.num_patches for e in encs),
-           "thumbnail_path": prep.get("thumbnail_path"), "heatmap_path": None}
+           "thumbnail_path": prep.get("thumbnail_path"), "heatmap_path": None, "ood": _ood(encs[0])}
     if slides:
         rec["slides"] = [{"slide_path": str(p), "label": lab, "slide_sha256": s["enc"].sha256,
                           "num_patches": s["enc"].num_patches, "thumbnail_path": s.get("thumbnail_path"),
-                          "heatmap_path": None}
+                          "heatmap_path": None, "ood": _ood(s["enc"])}
                          for p, lab, s in zip(job.case_slides, job.labels, slides)]
+        rec["ood"] = None
     heat_s = 0.0
     if cfg.heatmaps:
         t1 = time.perf_counter()

@@ -11,6 +11,7 @@ from slidechat.inference.report import format_field
 from slidechat.utils.io import write_text_atomic
 
 CSS = """
+.warning{color:#8a4b00;background:#fff4e0;padding:4px 8px;border-radius:4px}
 body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
 h1{margin:0 0 .3rem 0} .meta{color:#666;margin-bottom:1rem}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:1rem;margin:0 0 1rem 0;display:flex;gap:1rem}
@@ -47,6 +48,11 @@ def _card(rec: dict) -> str:
                     f'{_e((rec.get("slide_sha256") or "")[:16])} · model {_e(rec.get("model"))}</div>')
     if rec.get("case_id"):
         body.append(f'<div class="small">case {_e(rec["case_id"])}</div>')
+    for n, entry in enumerate(slides, 1):
+        ood = entry.get("ood") or {}
+        if ood.get("flagged"):
+            where = f"Slide {n}: " if len(slides) > 1 else ""
+            body.append(f'<p class="warning">{_e(where + str(ood.get("message", "")))}</p>')
     if rec.get("prompt"):
         body.append(f"<p><b>Clinical prompt:</b> {_e(rec['prompt'])}</p>")
     if status != "ok":
