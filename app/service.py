@@ -580,7 +580,9 @@ class ChatService:
         if session.slide is None:
             raise SlideChatError("open a slide first: upload one or pick an example")
         with session.task("writing the report"):
-            report = self.assistant.report(session.slide, max_new_tokens=self.config.report_max_new_tokens,
+            # a case is reported on as a whole: one conversation over all its slides
+            subject = session.conversation.case if session.case and session.conversation is not None else session.slide
+            report = self.assistant.report(subject, max_new_tokens=self.config.report_max_new_tokens,
                                            summary_max_new_tokens=self.config.report_summary_tokens)
             session.report = report
             images = {"thumbnail with tissue outline": session.outlined}
@@ -604,10 +606,14 @@ class ChatService:
         out = []
         for r in regions:
             entry = {"rank": int(r.get("rank", len(out) + 1)), "box": [int(v) for v in r["box"]],
-                     "score": float(r.get("score", 0.0)), "crop": None}
+                     "score": float(r.get("score", 0.0)), "crop": None, "slide": int(r.get("slide", 0))}
+            member = session.case[entry["slide"]] if session.case and entry["slide"] < len(session.case) else None
+            if member is not None:
+                entry["slide_name"] = member.name
             try:
-                entry["crop"] = crop_region(session.slide.source_path, entry["box"], max_size=self.config.crop_size,
-                                            mpp=viewer.mpp if viewer else None)
+                source = member.path if member is not None else session.slide.source_path
+                mpp = member.mpp if member is not None else (viewer.mpp if viewer else None)
+                entry["crop"] = crop_region(source, entry["box"], max_size=self.config.crop_size, mpp=mpp)
             except Exception:  # the region stays listed with its box even without its picture
                 log.exception("report evidence crop failed")
             out.append(entry)

@@ -57,6 +57,10 @@ def test_case_of_two_slides_switches_viewer_and_names_slides(tiny_slide_assistan
         coords = np.asarray(session.heatmap.coords)
         assert (coords[:, 0] < box[2]).all()  # the region's own patches, on slide 2
 
+        markdown, json_path, html_path = service.make_report(session)  # the case as a whole
+        assert session.report is not None and markdown.strip() and json_path.is_file() and html_path.is_file()
+        assert "data:image/" in html_path.read_text()  # the evidence crops, cut from their own slides
+
         service.open_slide(session, paths[0])  # a single slide again: the case is closed
         assert session.case == [] and session.conversation.num_slides == 1
     finally:
