@@ -116,3 +116,22 @@ def test_demo_chat_cli_on_a_case_warns_about_the_scanner_slide(cmu_slide, synth_
     assert len(warnings) == 1 and "unlike the slides this model was trained on" in warnings[0]
     assert out.err.index("slide 1 ") < out.err.index("warning: ") < out.err.index("slide 2 ")  # the scanner slide's
     assert sum(line.startswith("evidence ") for line in out.err.splitlines()) == 2
+
+
+def test_demo_batch_report_on_cases(cmu_slide, synth_dataset, tmp_path):
+    from slidechat.cli import main
+    from slidechat.utils.io import read_jsonl
+
+    synth = sorted((synth_dataset / "slides").glob("*.tiff"))
+    cases = tmp_path / "cases.csv"
+    cases.write_text(f"case_id,slide_path,label\nC-1,{cmu_slide},skin\nC-1,{synth[0]},synthetic\nC-2,{synth[1]},\n")
+    out = tmp_path / "reports"
+    assert main(["report", "--cases", str(cases), "--out", str(out), "--no-progress", "--no-prefetch",
+                 "--max-new-tokens", "24", "--summary-max-new-tokens", "32", "--cache-dir", str(tmp_path / "cache")]) == 0
+    recs = read_jsonl(out / "reports.jsonl")
+    assert [r["id"] for r in recs] == ["C-1", "C-2"] and all(r["status"] == "ok" for r in recs), recs
+    assert all(r["schema"] == "synthslide" and r["fields"] and r["report_text"].strip() for r in recs)
+    assert [len(r["slides"]) for r in recs] == [2, 1]
+    assert recs[0]["slides"][0]["ood"]["flagged"] and not recs[0]["slides"][1]["ood"]["flagged"]
+    assert all((out / s["heatmap_path"]).is_file() for r in recs for s in r["slides"])
+    assert "unlike the slides this model was trained on" in (out / "index.html").read_text()
