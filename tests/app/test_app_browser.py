@@ -162,7 +162,9 @@ def test_upload_progress_chat_heatmap_report_and_bad_upload(browser, served, tes
     message = page.inner_text("#sc-status")
     assert "Could not open this slide" in message and "broken.svs" in message and "not a whole-slide image" in message
     assert "Traceback" not in page.inner_text("body")
-    assert not page.is_visible("#sc-report-files") and not page.is_visible("#sc-report-md")  # old slide's report gone
+    # the old slide's report panels close in the event chained after the error message
+    page.wait_for_selector("#sc-report-files", state="hidden", timeout=30000)
+    page.wait_for_selector("#sc-report-md", state="hidden", timeout=30000)
     page.screenshot(path=str(shots / "06_bad_upload.png"), full_page=True)
 
     # 5. the app keeps serving: the same tab opens an example, a second tab works on its own
