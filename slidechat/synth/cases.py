@@ -28,7 +28,8 @@ from slidechat import prompts
 from slidechat.errors import ConfigError
 from slidechat.synth import text as T
 from slidechat.synth.classes import DISPLAY_NAMES, LABEL_NAMES, LESION_DISPLAY, QUADRANTS, TISSUE_CLASSES
-from slidechat.synth.dataset import CLOSED_VQA_COLUMNS, MAGNIFICATION, MPP, SIZES, generate_slide, write_text_products
+from slidechat.synth.dataset import (CLOSED_VQA_COLUMNS, MAGNIFICATION, MPP, generate_slide, prepare_dataset_folder,
+                                     write_text_products)
 from slidechat.utils.io import write_json_atomic, write_text_atomic
 
 CASE_SLIDE_SEPARATOR = ";"
@@ -192,13 +193,7 @@ def generate_case_dataset(out_dir: str | os.PathLike, n_cases: int, seed: int = 
                           min_slides: int = 2, max_slides: int = 4, workers: int = 1,
                           progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Write ``n_cases`` cases (their slides + single-slide and case products) to ``out_dir``; return the cases."""
-    if size not in SIZES:
-        raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if n_cases < 1:
-        raise ConfigError("--cases must be at least 1")
-    out = Path(out_dir)
-    for sub in ("slides", "masks", "labels"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = prepare_dataset_folder(out_dir, size, n_cases, "--cases")
     plans = plan_cases(n_cases, seed, min_slides, max_slides)
     total = sum(p["n_slides"] for p in plans)
     records: list[dict] = []

@@ -128,19 +128,25 @@ def write_text_products(out_dir: Path, records: list[dict], seed: int) -> None:
     write_text_atomic(out_dir / "closed_vqa.csv", buf.getvalue())
 
 
+def prepare_dataset_folder(out_dir: str | os.PathLike, size: str, count: int, option: str) -> Path:
+    """Check the size and the count (named ``option`` in the message) and make the dataset's sub-folders."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if count < 1:
+        raise ConfigError(f"{option} must be at least 1")
+    out = Path(out_dir)
+    for sub in ("slides", "masks", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def generate_dataset(
     out_dir: str | os.PathLike, n: int, seed: int = 0, size: str = "tiny", *,
     lesion_probability: float = 0.75, workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Write ``n`` synthetic slides and their truth/text products to ``out_dir``; return the truth records."""
-    if size not in SIZES:
-        raise ConfigError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if n < 1:
-        raise ConfigError("--n must be at least 1")
-    out = Path(out_dir)
-    for sub in ("slides", "masks", "labels"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = prepare_dataset_folder(out_dir, size, n, "--n")
     # lesion quadrants balanced over the dataset
     quads = np.tile(np.arange(4), -(-n // 4))[:n][np.random.default_rng([seed, 555]).permutation(n)]
     records = []
