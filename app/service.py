@@ -83,6 +83,16 @@ class CaseSlide:
     layers: dict  # viewer overlays (tissue outline, patch grid)
 
 
+def _recording_progress(progress: "ProgressFn | None", seen: set[str]):
+    """A progress callback that records each stage it sees in ``seen`` and passes it on to ``progress``."""
+    def on_progress(stage: str, done: int, total: int) -> None:
+        seen.add(stage)
+        if progress is not None:
+            progress(stage, int(done), int(total))
+
+    return on_progress
+
+
 def shown_question(question: str, box: tuple[int, int, int, int] | None, slide_name: str | None = None) -> str:
     """The question as the conversation shows it: a region question starts with its level-0 box (and, in a case,
     the slide it is on)."""
@@ -237,11 +247,7 @@ class ChatService:
         name = display_name or path.name
         t0 = time.perf_counter()
         stages_seen: set[str] = set()
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            stages_seen.add(stage)
-            if progress is not None:
-                progress(stage, int(done), int(total))
+        on_progress = _recording_progress(progress, stages_seen)
 
         with session.task("encoding a slide"):
             try:
@@ -282,11 +288,7 @@ class ChatService:
                                  "on its own instead")
         t0 = time.perf_counter()
         stages_seen: set[str] = set()
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            stages_seen.add(stage)
-            if progress is not None:
-                progress(stage, int(done), int(total))
+        on_progress = _recording_progress(progress, stages_seen)
 
         with session.task("opening a case"):
             session.forget_slide()  # the case's own uploads may lie in the session folder
