@@ -9,7 +9,7 @@ Steps, each skipped when its output is already complete (so ``--resume`` after a
 5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint (with the
    statistics of its training features, ``feature_stats.*``, for the out-of-distribution warning);
 6. ``export``: the last checkpoint copied to ``export`` (and the CNN to ``slidechat/assets/demo_cnn.safetensors``);
-7. ``evaluate``: ``slidechat eval run`` (closed VQA per category + pointing game) on a fresh SynthSlide set with an
+7. ``evaluate``: ``slidechat eval run`` (the recipe's tasks: closed VQA, free text fact by fact, reports, pointing game) on a fresh SynthSlide set with an
    unseen seed; its summary is recorded in ``pipeline.json``, the full results in ``<out>/eval/run/``.
 
 Paths inside stage recipes may use ``{out}`` for the pipeline's output folder.
@@ -212,7 +212,9 @@ def _stage_steps(run: _Run) -> None:
 
 
 def evaluation_summary(results: dict) -> dict:
-    """The pipeline's record of an ``eval run``: overall and per-category closed-VQA accuracy, pointing game."""
+    """The pipeline's record of an ``eval run``: closed-VQA accuracy (overall, per category), open-answer fact
+    accuracy (overall, per type), fact precision and contradiction rate of captions and reports, report fields,
+    pointing game -- each where the run has it."""
     out: dict = {}
     vqa = results.get("closed_vqa")
     if vqa:
@@ -221,6 +223,20 @@ def evaluation_summary(results: dict) -> dict:
         out["per_category"] = {c: {"accuracy": round(float(e["accuracy"]), 4), "n": int(e["n"])}
                                for c, e in sorted(vqa.get("narrow_category", {}).items())}
         out["unparseable"] = len(vqa.get("unparseable", []))
+    facts = results.get("facts") or {}
+    if facts.get("open_vqa"):
+        ov = facts["open_vqa"]
+        out["open_fact_accuracy"] = round(float(ov["overall"]["accuracy"]), 4)
+        out["open_per_type"] = {c: round(float(e["accuracy"]), 4) for c, e in sorted(ov["per_category"].items())}
+    for task in ("captioning", "reports"):
+        if facts.get(task) and facts[task]["fact_precision"]["value"] is not None:
+            out[f"{task}_fact_precision"] = round(float(facts[task]["fact_precision"]["value"]), 4)
+            out[f"{task}_contradiction_rate"] = round(float(facts[task]["contradiction_rate"]["value"]), 4)
+    rf = results.get("report_fields")
+    if rf and rf.get("mean_field_accuracy") is not None:
+        out["report_fields_mean"] = round(float(rf["mean_field_accuracy"]), 4)
+        out["report_fields_min"] = round(min(float(f["accuracy"]) for f in rf["fields"].values()), 4)
+        out["reports_all_right"] = round(float(rf["exact_report"]), 4)
     g = results.get("grounding")
     if g and g.get("n"):
         out["pointing_game_mask"] = round(float(g["pointing_game"]), 4)

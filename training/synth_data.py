@@ -8,7 +8,9 @@ Three kinds of single-turn samples, each in the format the rest of the system as
   a choice);
 * the **report questions** of ``slidechat.prompts.REPORT_QUESTIONS`` (what ``assistant.report()`` asks), with short
   answers in the form its parser reads;
-* the generator's own open questions / conversations (``instructions.json``) for free-text chat.
+* **open questions** in drawn paraphrases with full-sentence answers, and **descriptions** ("Describe this
+  slide."), both from ``slidechat.synth.text`` (``open_answer`` / ``description``: several phrasings per fact,
+  only facts a slide-level reader can back; the tumour fraction by bin).
 
 Written as a LLaVA/SlideInstruction JSON list, so the demo trains through the same loader as SlideChat's data.
 """
@@ -34,8 +36,9 @@ def mcq_answer(options: list[str], letter: str) -> str:
     return f"{options['ABCD'.index(letter)]} ({letter})"
 
 
-def report_answers(truth: dict, caption: str | None) -> dict[str, str]:
-    """Short answers to the report questions (field -> answer), from the truth record."""
+def report_answers(truth: dict, summary: str | None) -> dict[str, str]:
+    """Short answers to the report questions (field -> answer), from the truth record; ``summary`` answers the
+    summary question."""
     from slidechat.synth import text as T
     from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY
 
@@ -51,15 +54,19 @@ def report_answers(truth: dict, caption: str | None) -> dict[str, str]:
         "tumor_fraction_percent": f"{round(100 * truth['tumor_fraction'])}%",
         "tumor_fraction": f"{round(100 * truth['tumor_fraction'])}%",
     }
-    if caption:
-        answers["summary"] = caption
+    if summary:
+        answers["summary"] = summary
     return answers
 
 
 def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 4,
-                            report_questions: bool = True, open_questions: bool = True, seed: int = 0,
-                            turns_per_conversation: int = 1) -> dict:
+                            report_questions: bool = True, open_rounds: int = 0, describe_rounds: int = 0,
+                            seed: int = 0, turns_per_conversation: int = 1) -> dict:
     """Write the demo's stage-2 instruction JSON from a SynthSlide folder; returns counts per kind.
+
+    Per slide: ``mcq_rounds`` option shuffles of the closed questions, ``open_rounds`` draws of the open questions
+    (one per type, a new paraphrase and presence tissue each draw), ``describe_rounds`` descriptions and, with
+    ``report_questions``, the report questions (the summary answered by a description).
 
     ``turns_per_conversation`` > 1 packs a slide's questions (shuffled) into multi-turn conversations: the system
     prompt and slide tokens are then paid once per conversation instead of once per question.
@@ -69,12 +76,11 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
 
     synth_dir = Path(synth_dir)
     truths = read_jsonl(synth_dir / "truth.jsonl")
-    captions = {r["slide_id"]: r["caption"] for r in read_jsonl(synth_dir / "captions.jsonl")}
     records: list[dict] = []
-    counts = {"mcq": 0, "report": 0, "open": 0}
+    counts = {"mcq": 0, "report": 0, "open": 0, "describe": 0}
 
-    def add(rid: str, slide_id: str, question: str, answer: str) -> None:
-        records.append({"id": rid, "image": [f"{slide_id}.tiff"], "conversations": [
+    def add(rid: str, slide_id: str, question: str, answer: str, draw: int = 0) -> None:
+        records.append({"id": rid, "image": [f"{slide_id}.tiff"], "draw": draw, "conversations": [
             {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
 
     for t in truths:
@@ -83,20 +89,28 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
             rng = np.random.default_rng([seed, t["index"], r, 17])
             qs = T.assign_letters(T.closed_questions(t, rng), rng)
             for k, q in enumerate(qs):
-                add(f"{sid}-mcq{r}-{k}", sid, format_mcq(q["question"], q["options"]), mcq_answer(q["options"], q["answer"]))
+                add(f"{sid}-mcq{r}-{k}", sid, format_mcq(q["question"], q["options"]),
+                    mcq_answer(q["options"], q["answer"]), r)
                 counts["mcq"] += 1
+        for r in range(open_rounds):
+            rng = np.random.default_rng([seed, t["index"], r, 23])
+            for q in T.open_questions(t, rng):
+                add(f"{sid}-open{r}-{q['category']}", sid, q["question"], q["answer"], r)
+                counts["open"] += 1
+        for r in range(describe_rounds):
+            rng = np.random.default_rng([seed, t["index"], r, 31])
+            add(f"{sid}-describe{r}", sid, T.DESCRIBE_PROMPTS[int(rng.integers(len(T.DESCRIBE_PROMPTS)))],
+                T.description(t, rng), r)
+            counts["describe"] += 1
         if report_questions:
-            answers = report_answers(t, captions.get(sid))
+            answers = report_answers(t, T.description(t, np.random.default_rng([seed, t["index"], 37])))
             for field, question in prompts.REPORT_QUESTIONS.items():
                 if field in answers:
                     add(f"{sid}-report-{field}", sid, question, answers[field])
                     counts["report"] += 1
-    if open_questions and (synth_dir / "open_vqa.jsonl").exists():
-        for q in read_jsonl(synth_dir / "open_vqa.jsonl"):
-            add(q["id"], q["slide_id"], q["question"], q["answer"])
-            counts["open"] += 1
     if turns_per_conversation > 1:
         records = pack_conversations(records, turns_per_conversation, seed)
+    records = [{k: v for k, v in r.items() if k != "draw"} for r in records]
     order = np.random.default_rng(seed).permutation(len(records))
     write_json_atomic(Path(out_path), [records[i] for i in order], indent=None)
     return counts
@@ -104,14 +118,16 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
 
 def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[dict]:
     """Group single-turn records of the same slide (or the same case's slides) into conversations of up to
-    ``turns`` question/answer pairs."""
+    ``turns`` question/answer pairs, in random order within each ``draw`` (a record's optional round), earlier
+    draws first -- so a conversation rarely asks the same fact twice and an answer cannot be copied from a turn
+    before it."""
     by_slide: dict[tuple[str, ...], list[dict]] = {}
     for r in records:
         by_slide.setdefault(tuple(r["image"]), []).append(r)
     rng = np.random.default_rng([seed, 3])
     out = []
     for image, recs in by_slide.items():
-        recs = [recs[i] for i in rng.permutation(len(recs))]
+        recs = sorted((recs[i] for i in rng.permutation(len(recs))), key=lambda r: r.get("draw", 0))
         for c in range(0, len(recs), turns):
             group = recs[c:c + turns]
             conv = []
@@ -161,7 +177,7 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     if replay_mcq_rounds > 0:
         single = Path(out_path).with_name(Path(out_path).stem + ".single.json")
         replay = build_demo_instructions(case_dir, single, mcq_rounds=replay_mcq_rounds, report_questions=True,
-                                         open_questions=False, seed=seed + 1,
+                                         seed=seed + 1,
                                          turns_per_conversation=turns_per_conversation)
         records += json.loads(single.read_text())
         single.unlink()

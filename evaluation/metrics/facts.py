@@ -25,7 +25,11 @@ NUMBER_WORDS = {"no": 0, "zero": 0, "one": 1, "a single": 1, "single": 1, "two":
                 "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
                 "eleven": 11, "twelve": 12}
 _NUM = r"(\d+|" + "|".join(sorted(NUMBER_WORDS, key=len, reverse=True)) + r")"
-_PCT = re.compile(r"(\d+(?:\.\d+)?)\s*(?:%|per ?cent)")
+RANGE_SLACK_PP = 0.5  # a stated range ("10-30%") holds for a truth inside it, up to rounding
+_BELOW, _ABOVE = ("under", "below", "less than", "up to"), ("over", "above", "more than")
+_PCT_BODY = (r"(?:\b(" + "|".join(_BELOW + _ABOVE) + r")\s+)?(\d+(?:\.\d+)?)"
+             r"(?:\s*(?:-|\u2013|to)\s*(\d+(?:\.\d+)?))?\s*(?:%|per ?cent)")
+_PCT = re.compile(_PCT_BODY, re.I)
 _NEG_BEFORE = re.compile(r"\b(no|not|without|nor|absence of|free of|negative for)\b")
 _NEG_AFTER = re.compile(r"^[^,()]{0,25}?\b(not|absent|none|no)\b")
 _CLAUSE = re.compile(r"[.;!?\n]+|,\s*but\b")
@@ -34,8 +38,8 @@ _LESION_ABSENT = re.compile(r"\bno (?:focal |discrete )?lesions?\b|\blesion\s*:\
 _QUADRANT = re.compile(r"\b(upper|top|superior|lower|bottom|inferior)[\s-]+(left|right)\b", re.I)
 _FRAGMENTS = re.compile(_NUM + r"\s+(?:separate\s+|distinct\s+)?(?:tissue\s+)?fragment", re.I)
 _FRAGMENTS_AFTER = re.compile(r"fragments?\s*:\s*" + _NUM, re.I)
-_TUMOR_FRACTION = re.compile(r"tumou?r fraction\W{0,3}(?:of\s+|is\s+)?(?:about\s+|~\s*)?(\d+(?:\.\d+)?)\s*%"
-                             r"(?:\s*\((?:[^()]|\([^()]*\))*\))?", re.I)
+_TUMOR_FRACTION = re.compile(r"tumou?r fraction\W{0,3}(?:of\s+|is\s+)?(?:about\s+|~\s*)?" + _PCT_BODY
+                             + r"(?:\s*\((?:[^()]|\([^()]*\))*\))?", re.I)
 _DOMINANT = re.compile(r"\b(pre)?dominant(ly)?\b|\bmostly\b|\bmainly\b|\blargely\b|\bmajority\b", re.I)
 _REPEATED_QUALIFIER = re.compile(r"(\([^()]{2,40}\))\s*\1", re.I)
 _REPEATED_PHRASE = re.compile(r"\b([a-z][\w-]*(?:\s+[\w-]+){1,3})\s+\1\b", re.I)
@@ -49,6 +53,7 @@ class Claim:
     value: object
     start: int
     source: str = ""  # "tumour fraction" for a stated tumour fraction (not a composition entry)
+    spread: float = 0.0  # half-width of a stated range ("10-30%" is 20 +- 10); 0 for a single value
 
 
 @dataclass
@@ -103,6 +108,19 @@ def _lesion_class(text: str) -> str:
     return "necrosis" if "necro" in low else "lymphocytes" if "lymph" in low else "tumor"
 
 
+def _percent(m: re.Match) -> tuple[float, float]:
+    """(value, spread) of a stated percentage (a ``_PCT`` match): "12%" -> (12, 0), "10-30%" -> (20, 10),
+    "under 10%" -> (5, 5), "over 30%" -> (65, 35)."""
+    qualifier, a, b = m.group(1), float(m.group(2)), m.group(3)
+    if b is not None:
+        lo, hi = sorted((a, float(b)))
+    elif qualifier:
+        lo, hi = (0.0, a) if qualifier.lower() in _BELOW else (a, 100.0)
+    else:
+        return a, 0.0
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
 def _mask(text: str, spans: list[tuple[int, int]]) -> str:
     chars = list(text)
     for a, b in spans:
@@ -144,7 +162,8 @@ def _tissue_claims(text: str) -> list[Claim]:
             claims.append(Claim(f"tissue_present:{cls}", not negated, a))
             pct = _PCT.search(after[:40])
             if pct and not negated:
-                claims.append(Claim(f"tissue_percent:{cls}", float(pct.group(1)), a))
+                value, spread = _percent(pct)
+                claims.append(Claim(f"tissue_percent:{cls}", value, a, spread=spread))
             if _DOMINANT.search(text[prev_end:a]) and not negated:
                 claims.append(Claim("dominant", cls, a))
             prev_end = b
@@ -156,14 +175,16 @@ def extract_claims(text: str) -> list[Claim]:
     text = text or ""
     claims, spans = [], []
     for m in _TUMOR_FRACTION.finditer(text):
-        claims.append(Claim("tissue_percent:tumor", float(m.group(1)), m.start(), "tumour fraction"))
+        value, spread = _percent(m)
+        claims.append(Claim("tissue_percent:tumor", value, m.start(), "tumour fraction", spread))
         spans.append(m.span())
     masked = _mask(text, spans)
     for m in _lesion_pattern().finditer(masked):
         claims += [Claim("lesion_present", True, m.start()), Claim("lesion_type", _lesion_class(m.group()), m.start())]
         pct = _PCT.search(masked[m.end():m.end() + 40])
         if pct:
-            claims.append(Claim("lesion_percent", float(pct.group(1)), m.start()))
+            value, spread = _percent(pct)
+            claims.append(Claim("lesion_percent", value, m.start(), spread=spread))
             spans.append((m.end() + pct.start(), m.end() + pct.end()))
         spans.append(m.span())
     for m in _LESION_ABSENT.finditer(masked):
@@ -199,7 +220,8 @@ def claim_is_true(claim: Claim, truth: dict, tolerance_pp: float) -> bool:
     if value is None:
         return False
     if "percent" in claim.key:
-        return abs(float(claim.value) - value) <= tolerance_pp + 1e-9
+        slack = claim.spread + RANGE_SLACK_PP if claim.spread > 0 else tolerance_pp
+        return abs(float(claim.value) - value) <= slack + 1e-9
     return claim.value == value
 
 
@@ -222,7 +244,11 @@ def contradictions(claims: list[Claim], text: str, tolerance_pp: float) -> list[
             kinds.append(f"conflicting_{key.split(':')[0]}")
         elif key in ("dominant", "lesion_type", "lesion_location", "fragments") and len(vals) > 1:
             kinds.append(f"conflicting_{key}")
-    total = sum(max(v) for k, v in values.items() if k.startswith("tissue_percent:"))
+    lowest: dict[str, float] = {}  # a range counts with its low end
+    for c in claims:
+        if c.key.startswith("tissue_percent:"):
+            lowest[c.key] = max(lowest.get(c.key, 0.0), float(c.value) - c.spread)
+    total = sum(lowest.values())
     if total > 100.0 + PERCENT_SUM_SLACK:
         kinds.append("percentages_over_100")
     if False in values.get("lesion_present", ()) and (values.get("lesion_location") or values.get("lesion_type")):
@@ -249,8 +275,9 @@ def truth_facts(truth: dict) -> list[str]:
 def check_text(text: str, truth: dict, tolerance_pp: float = 10.0) -> TextFacts:
     """Fact precision/recall and contradictions of one caption or report."""
     claims = extract_claims(text)
-    unique = list(dict.fromkeys((c.key, c.value) for c in claims))
-    out = TextFacts(claims=[(k, v, claim_is_true(Claim(k, v, 0), truth, tolerance_pp)) for k, v in unique],
+    unique = list(dict.fromkeys((c.key, c.value, c.spread) for c in claims))
+    out = TextFacts(claims=[(k, v, claim_is_true(Claim(k, v, 0, spread=w), truth, tolerance_pp))
+                            for k, v, w in unique],
                     truth_facts=truth_facts(truth), contradictions=contradictions(claims, text, tolerance_pp))
     right = {k for k, _, ok in out.claims if ok}
     percents = {k.split(":", 1)[1]: v for k, v, _ in out.claims if k.startswith("tissue_percent:")}

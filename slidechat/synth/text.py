@@ -98,39 +98,131 @@ def _lesion_answer(truth: dict) -> str:
     return LESION_DISPLAY[les["class"]] if les else NO_LESION
 
 
+# Paraphrases of each open question type (the question a user types varies; the fact asked does not).
+OPEN_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "composition": ("Which tissue types are present in this slide?", "What tissues can you see on this slide?",
+                    "List the tissue types in this section.", "What is this specimen composed of?"),
+    "dominant": ("What is the predominant tissue type?", "Which tissue covers most of the slide?",
+                 "What is the main tissue on this slide?", "Which tissue type is most abundant here?"),
+    "tumor_presence": ("Is there tumour in this slide?", "Is carcinoma present on this slide?",
+                       "Does this slide show any tumour?", "Is there evidence of malignancy in this section?"),
+    "lesion": ("Is there a focal lesion, and where is it?", "Do you see a focal lesion? Where is it?",
+               "Where is the lesion located?", "Is there any focal lesion on this slide?"),
+    "presence": ("Is {tissue} present in this slide?", "Do you see {tissue} on this slide?",
+                 "Does this slide contain {tissue}?", "Is there any {tissue} in this section?"),
+    "fragments": ("How many tissue fragments are on the slide?", "How many pieces of tissue are there?",
+                  "How many separate tissue fragments does the section have?", "Count the tissue fragments."),
+}
+DESCRIBE_PROMPTS: tuple[str, ...] = ("Describe this slide.", "What do you see in this whole-slide image?",
+                                     "Give a short description of the tissue on this slide.",
+                                     "Summarise the findings on this slide.")
+
+
+def _pick(rng: np.random.Generator, options) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _by_area(truth: dict) -> list[str]:
+    fr = truth["area_fractions"]
+    return sorted(truth["classes_present"], key=lambda c: -fr[c])
+
+
+def _tumour_share(truth: dict) -> str:
+    """The tumour fraction as its bin ("10-30%"), the resolution at which a slide-level reader states it."""
+    return tumor_fraction_bin(truth["tumor_fraction"])
+
+
+def _fragments_phrase(n: int) -> str:
+    return f"{FRAGMENT_WORDS.get(n, str(n))} tissue fragment{'s' if n != 1 else ''}"
+
+
+def open_answer(category: str, truth: dict, rng: np.random.Generator, tissue: str | None = None) -> str:
+    """A full-sentence answer to an open question of ``category`` (one of several phrasings, same facts).
+
+    Answers state what is visible at slide level: which tissues, the dominant one, the lesion and its quadrant,
+    the fragment count, and the tumour fraction by bin; per-tissue area shares are left to the caption."""
+    les = truth["lesion"]
+    if category == "composition":
+        names = _join([DISPLAY_NAMES[c] for c in _by_area(truth)])
+        return _pick(rng, (f"The slide contains {names}.", f"The tissue is made up of {names}.",
+                           f"I can see {names}."))
+    if category == "dominant":
+        d = DISPLAY_NAMES[truth["dominant_class"]]
+        return _pick(rng, (f"The predominant tissue is {d}.", f"The tissue is mostly {d}.",
+                           f"The dominant tissue type is {d}."))
+    if category == "tumor_presence":
+        if truth["tumor_fraction"] > 0:
+            share = _tumour_share(truth)
+            return _pick(rng, (f"Yes, tumour is present ({share} of the tissue area).",
+                               f"Yes, there is a carcinoma (tumour focus) in the {les['quadrant']} quadrant.",
+                               f"Yes. Tumour makes up {share} of the tissue."))
+        return _pick(rng, ("No, no tumour is seen.", "No, there is no tumour in this slide.",
+                           "No. The slide shows no tumour."))
+    if category == "lesion":
+        if les is None:
+            return _pick(rng, ("No focal lesion is identified.", "No, there is no focal lesion on this slide."))
+        name, quad = LESION_DISPLAY[les["class"]], les["quadrant"]
+        return _pick(rng, (f"Yes, a {name} in the {quad} quadrant.",
+                           f"There is a {name} in the {quad} quadrant of the specimen.",
+                           f"A {name} is present in the {quad} quadrant."))
+    if category == "presence":
+        name = DISPLAY_NAMES[tissue]
+        if tissue in truth["classes_present"]:
+            return _pick(rng, (f"Yes, {name} is present.", f"Yes, the slide contains {name}."))
+        return _pick(rng, (f"No, there is no {name}.", f"No, {name} is not present.", f"No {name} is seen."))
+    if category == "fragments":
+        n = truth["n_fragments"]
+        return _pick(rng, (f"There {'is' if n == 1 else 'are'} {_fragments_phrase(n)}.",
+                           f"The slide has {_fragments_phrase(n)}.",
+                           f"I count {_fragments_phrase(n)}."))
+    raise ValueError(f"unknown open question category {category!r}")
+
+
 def open_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
-    """Open questions with reference answers: {question, answer, category}."""
+    """One open question per type, each in a drawn phrasing, with a reference answer: {question, answer,
+    category} (presence: a present or an absent tissue, equally likely)."""
     present = truth["classes_present"]
     absent = [c for c in TISSUE_CLASSES if c not in present]
-    les = truth["lesion"]
-    qs = [
-        {"category": "composition", "question": "Which tissue types are present in this slide?",
-         "answer": f"The slide contains {_composition(truth)}."},
-        {"category": "dominant", "question": "What is the predominant tissue type?",
-         "answer": f"The predominant tissue is {DISPLAY_NAMES[truth['dominant_class']]}."},
-        {"category": "tumor_presence", "question": "Is there tumour in this slide?",
-         "answer": (f"Yes, tumour occupies about {_pct(truth['tumor_fraction'])} of the tissue."
-                    if truth["tumor_fraction"] > 0 else "No, no tumour is seen.")},
-        {"category": "lesion", "question": "Is there a focal lesion, and where is it?",
-         "answer": (f"Yes, a {LESION_DISPLAY[les['class']]} in the {les['quadrant']} quadrant."
-                    if les else "No focal lesion is identified.")},
-    ]
-    # a yes/no presence question, yes and no equally likely
+    qs = []
+    for category in ("composition", "dominant", "tumor_presence", "lesion"):
+        qs.append({"category": category, "question": _pick(rng, OPEN_QUESTIONS[category]),
+                   "answer": open_answer(category, truth, rng)})
     ask_present = bool(rng.random() < 0.5) if absent and present else bool(present)
     cls = present[int(rng.integers(len(present)))] if ask_present else absent[int(rng.integers(len(absent)))]
-    qs.append({"category": "presence", "question": f"Is {DISPLAY_NAMES[cls]} present in this slide?",
-               "answer": (f"Yes, {DISPLAY_NAMES[cls]} is present (~{_pct(truth['area_fractions'][cls])} of tissue)."
-                          if ask_present else f"No, there is no {DISPLAY_NAMES[cls]}.")})
-    qs.append({"category": "fragments", "question": "How many tissue fragments are on the slide?",
-               "answer": f"There {'is' if truth['n_fragments'] == 1 else 'are'} {FRAGMENT_WORDS.get(truth['n_fragments'], truth['n_fragments'])}."})
+    qs.append({"category": "presence", "question": _pick(rng, OPEN_QUESTIONS["presence"]).format(
+        tissue=DISPLAY_NAMES[cls]), "answer": open_answer("presence", truth, rng, cls)})
+    qs.append({"category": "fragments", "question": _pick(rng, OPEN_QUESTIONS["fragments"]),
+               "answer": open_answer("fragments", truth, rng)})
     return qs
+
+
+def description(truth: dict, rng: np.random.Generator) -> str:
+    """A slide description in the words a slide-level reader can back: fragments, tissues (dominant first),
+    the lesion and its quadrant, the tumour fraction by bin (one of several phrasings)."""
+    order = [DISPLAY_NAMES[c] for c in _by_area(truth)]
+    frag = _fragments_phrase(truth["n_fragments"])
+    tissue = (f"composed mainly of {order[0]}, with {_join(order[1:])}" if len(order) > 1
+              else f"composed of {order[0]} only")
+    text = _pick(rng, (f"H&E-stained section with {frag}, {tissue}.", f"The slide shows {frag} {tissue}.",
+                       f"This whole-slide image contains {frag}, {tissue}."))
+    les = truth["lesion"]
+    if les is None:
+        text += " " + _pick(rng, ("No focal lesion is identified.", "There is no focal lesion."))
+    else:
+        name, quad = LESION_DISPLAY[les["class"]], les["quadrant"]
+        text += " " + _pick(rng, (f"A {name} lies in the {quad} quadrant.",
+                                  f"There is a {name} in the {quad} quadrant of the specimen."))
+    if truth["tumor_fraction"] > 0:
+        text += " " + _pick(rng, (f"Tumour fraction: {_tumour_share(truth)} of the tissue area.",
+                                  f"Tumour makes up {_tumour_share(truth)} of the tissue."))
+    else:
+        text += " No tumour is seen."
+    return text
 
 
 def conversation(truth: dict, caption_text: str, rng: np.random.Generator) -> list[dict]:
     """A multi-turn LLaVA-style conversation; the first human turn carries the ``<image>`` token."""
-    describe = ["Describe this slide.", "What do you see in this whole-slide image?",
-                "Give a short description of the tissue on this slide."]
-    turns = [(describe[int(rng.integers(len(describe)))], caption_text)]
+    turns = [(_pick(rng, DESCRIBE_PROMPTS), caption_text)]
     extra = open_questions(truth, rng)
     order = rng.permutation(len(extra))[: int(rng.integers(2, 5))]
     turns += [(extra[i]["question"], extra[i]["answer"]) for i in order]

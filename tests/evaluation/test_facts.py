@@ -113,6 +113,54 @@ def test_each_contradiction_kind_is_detected(text, kind):
     assert kind in check_text(text, TUMOUR).contradictions
 
 
+MID_TUMOUR = {**TUMOUR, "tumor_fraction": 0.15,
+              "area_fractions": {"stroma": 0.10, "tumor": 0.15, "lymphocytes": 0.75}}
+
+
+@pytest.mark.parametrize("answer,truth,verdict", [
+    ("Yes, tumour is present (10-30% of the tissue area).", MID_TUMOUR, "correct"),
+    ("Yes, tumour is present (10-30% of the tissue area).", TUMOUR, "wrong"),      # 5% is outside the range
+    ("Yes. Tumour makes up under 10% of the tissue.", TUMOUR, "correct"),
+    ("Yes. Tumour makes up under 10% of the tissue.", MID_TUMOUR, "wrong"),
+    ("Yes, tumour is present (over 30% of the tissue area).", MID_TUMOUR, "wrong"),
+    ("Yes, tumour is present (over 30% of the tissue area).", {**MID_TUMOUR, "tumor_fraction": 0.34}, "correct"),
+])
+def test_a_stated_range_holds_only_for_a_truth_inside_it(answer, truth, verdict):
+    assert check_answer("tumor_presence", answer, truth).verdict == verdict
+
+
+def test_tumour_fraction_range_in_a_caption():
+    right = check_text("One tissue fragment. Tumour fraction: 10-30% of the tissue area.", MID_TUMOUR)
+    wrong = check_text("One tissue fragment. Tumour fraction: 10-30% of the tissue area.", TUMOUR)
+    assert right.precision == 1.0 and right.contradictions == []
+    assert "tissue_percent:tumor=20.0" in wrong.to_dict()["wrong_claims"]
+
+
+def test_every_generator_phrasing_is_read_as_right(synth_dataset):
+    """The open answers and descriptions the demo is taught (every paraphrase) state only true facts, in words the
+    checker reads: a model that learnt them exactly would score 100%."""
+    import numpy as np
+
+    from slidechat.synth import text as T
+    from slidechat.utils.io import read_jsonl
+
+    truths = read_jsonl(synth_dataset / "truth.jsonl") + [{**TUMOUR, "index": 90}, {**NO_LESION, "index": 91},
+                                                           {**MID_TUMOUR, "index": 92}]
+    seen = set()
+    for t in truths:
+        for r in range(12):
+            rng = np.random.default_rng([t["index"], r])
+            for q in T.open_questions(t, rng):
+                v = check_answer(q["category"], q["answer"], t, q["question"])
+                assert v.verdict == "correct", (q, v)
+                seen.add(q["answer"].split(" ")[0])
+            text = T.description(t, rng)
+            facts = check_text(text, t)
+            assert facts.precision == 1.0 and facts.contradictions == [], (text, facts.to_dict())
+            assert facts.recall >= 0.5
+    assert {"Yes,", "No,", "The"} <= seen  # several phrasings were drawn
+
+
 def test_eval_run_reports_fact_columns_on_demo_checkpoint(synth_dataset, tmp_path):
     from slidechat.cli import main
 

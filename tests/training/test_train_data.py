@@ -167,3 +167,26 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, feats_dir):
     bad_json.write_text('[{"id": 1,')
     with pytest.raises(DataError, match="instr.json"):
         load_samples(bad_json, "instructions", SkipCounter())
+
+
+def test_demo_instructions_mix_open_answers_descriptions_and_choices(synth_dataset, tmp_path):
+    """The demo's stage-2 data: every kind asked, answers in sentences, repeated draws of a question type kept in
+    different conversations of a slide."""
+    from slidechat.training.synth_data import build_demo_instructions
+    from slidechat.utils.io import read_jsonl
+
+    out = tmp_path / "instructions.json"
+    counts = build_demo_instructions(synth_dataset, out, mcq_rounds=1, open_rounds=2, describe_rounds=1,
+                                     turns_per_conversation=6)
+    n = len(read_jsonl(synth_dataset / "truth.jsonl"))
+    assert counts["open"] == 2 * 6 * n and counts["describe"] == n and counts["mcq"] > 0 and counts["report"] > 0
+    records = json.loads(out.read_text())
+    assert all("draw" not in r for r in records)
+    for r in records:
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) <= 12
+        questions = [t["value"].replace("<image>\n", "") for t in turns[::2]]
+        assert len(set(questions)) == len(questions), questions  # no question asked twice in one conversation
+    answers = [t["value"] for r in records for t in r["conversations"][1::2]]
+    assert any(a.startswith(("Yes, ", "No, ")) and a.endswith(".") for a in answers)
+    assert any("quadrant" in a and a.count(".") >= 2 for a in answers)  # a description
