@@ -32,10 +32,10 @@ STAGE_LABELS = {"tissue": "Detecting tissue", "tiling": "Tiling", "encoding": "E
 STAGE_UNITS = {"tissue": "steps", "tiling": "tiles", "encoding": "patches"}
 
 SUGGESTED_QUESTIONS = (
+    "Describe this slide.",
     "Which tissue types are present in this slide?",
-    "Is there a focal lesion? Where is it?",
-    "What percentage of the tissue is tumour?",
-    "Write a short pathology report describing this slide.",
+    "Is there a focal lesion, and where is it?",
+    "Is there tumour in this slide?",
 )
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
