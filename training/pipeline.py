@@ -268,7 +268,7 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> 
         bench = case_dir / "case_closed_vqa.csv"
         case_results = run_evaluation(EvalRunConfig(
             checkpoint=str(checkpoint), data=str(bench), slides_dir=str(case_dir / "slides"),
-            out_dir=str(out_dir / "case_run"), tasks=["closed_vqa"], mcq_max_new_tokens=step.max_new_tokens,
+            out_dir=str(out_dir / "case_run"), tasks=["closed_vqa"], mcq_max_new_tokens=step.case_max_new_tokens,
             cache_dir=str(out_dir / "feature-cache"), progress=False))
         summary["cases"] = {"n_cases": step.cases, **evaluation_summary(case_results)}
     log.info("[pipeline] evaluation: %s", json.dumps(summary))

@@ -140,15 +140,16 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
 
 def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 3,
                             sentence_turns: bool = True, replay_mcq_rounds: int = 1, seed: int = 0,
-                            turns_per_conversation: int = 6) -> dict:
+                            turns_per_conversation: int = 6, reasoned: bool = False) -> dict:
     """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
 
-    Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)"),
+    Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
+    with ``reasoned`` each slide's finding first, then "The answer is B: Slide 2." -- ``reasoned_case_answer``),
     the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
     and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of the single-slide questions
     and the report questions of every slide in the folder (``build_demo_instructions``).
     """
-    from slidechat.synth.cases import case_closed_questions
+    from slidechat.synth.cases import case_closed_questions, reasoned_case_answer
 
     case_dir = Path(case_dir)
     truths = read_jsonl(case_dir / "case_truth.jsonl")
@@ -164,8 +165,8 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
         for r in range(mcq_rounds):
             rng = np.random.default_rng([seed, c, r, 29])
             for k, q in enumerate(case_closed_questions(t, rng)):
-                add(f"{t['case_id']}-mcq{r}-{k}", images, format_mcq(q["question"], q["options"]),
-                    mcq_answer(q["options"], q["answer"]))
+                answer = reasoned_case_answer(t, q) if reasoned else mcq_answer(q["options"], q["answer"])
+                add(f"{t['case_id']}-mcq{r}-{k}", images, format_mcq(q["question"], q["options"]), answer)
                 counts["case_mcq"] += 1
     if sentence_turns:
         for rec in json.loads((case_dir / "case_instructions.json").read_text()):

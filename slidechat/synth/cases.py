@@ -97,6 +97,29 @@ def case_closed_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
     return out
 
 
+def slide_findings(truth: dict, narrow: str) -> str:
+    """Each slide's own finding behind a case question (``narrow``: its category), in slide order: the step from
+    the slides to the case answer, e.g. "Slide 1: no focal lesion; Slide 2: necrotic focus"."""
+    names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
+    if narrow == "Lesion slide":
+        found = [t or "no focal lesion" for t in truth["lesion_types"]]
+    elif narrow == "Tumour in any slide":
+        found = ["tumour" if i in truth["tumor_slides"] else "no tumour" for i in range(len(names))]
+    elif narrow == "Necrosis count":
+        found = ["necrosis" if i in truth["necrosis_slides"] else "no necrosis" for i in range(len(names))]
+    else:
+        raise ValueError(f"unknown case question category {narrow!r}")
+    return "; ".join(f"{n}: {f}" for n, f in zip(names, found))
+
+
+def reasoned_case_answer(truth: dict, question: dict) -> str:
+    """The answer to a case multiple-choice ``question``: each slide's finding, then the choice, stated so the
+    closed-VQA parser reads it ("... The answer is B: Slide 2.")."""
+    letter = question["answer"]
+    option = question["options"]["ABCD".index(letter)]
+    return f"{slide_findings(truth, question['narrow'])}. The answer is {letter}: {option}."
+
+
 def _lesion_slide_sentence(truth: dict) -> str:
     names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
     if not truth["lesion_slides"]:
@@ -223,4 +246,5 @@ def generate_case_dataset(out_dir: str | os.PathLike, n_cases: int, seed: int = 
 
 
 __all__ = ["generate_case_dataset", "plan_cases", "case_truth", "case_closed_questions", "case_conversation",
+           "slide_findings", "reasoned_case_answer",
            "case_report", "write_case_products", "slide_name", "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]

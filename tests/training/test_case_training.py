@@ -47,6 +47,25 @@ def test_case_instructions_hold_case_and_single_slide_conversations(case_data):
     assert any(a.startswith("Slide ") for a in answers)  # the answers name slides as the prompt does
 
 
+def test_reasoned_case_answers_name_each_slide_and_parse_to_the_right_letter(case_data, tmp_path):
+    from slidechat.evaluation.answer_parser import parse_choice
+
+    root, _ = case_data
+    out = tmp_path / "reasoned.json"
+    build_case_instructions(root / "synth", out, mcq_rounds=2, replay_mcq_rounds=0, sentence_turns=False,
+                            turns_per_conversation=1, reasoned=True)
+    truths = {t["case_id"]: t for t in read_jsonl(root / "synth" / "case_truth.jsonl")}
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * 2 * 3
+    for r in records:
+        prompt, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        options = dict(line.split(". ", 1) for line in prompt.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+        truth = truths[r["id"].split("-mcq")[0]]
+        assert answer.count("Slide ") >= len(truth["slide_ids"])  # every slide's finding before the choice
+        letter = parse_choice(answer, options)
+        assert letter is not None and answer.endswith(f"The answer is {letter}: {options[letter]}.")
+
+
 def test_case_batches_train(case_data, tiny_qformer_chat):
     root, _ = case_data
     model = tiny_qformer_chat.model
