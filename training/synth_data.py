@@ -146,8 +146,8 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
     with ``reasoned`` each slide's finding first, then "The answer is B: Slide 2." -- ``reasoned_case_answer``),
     the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
-    and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of the single-slide questions
-    and the report questions of every slide in the folder (``build_demo_instructions``).
+    and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of every slide's own questions
+    (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``).
     """
     from slidechat.synth.cases import case_closed_questions, reasoned_case_answer
 
@@ -178,6 +178,7 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     if replay_mcq_rounds > 0:
         single = Path(out_path).with_name(Path(out_path).stem + ".single.json")
         replay = build_demo_instructions(case_dir, single, mcq_rounds=replay_mcq_rounds, report_questions=True,
+                                         open_rounds=replay_mcq_rounds, describe_rounds=replay_mcq_rounds,
                                          seed=seed + 1,
                                          turns_per_conversation=turns_per_conversation)
         records += json.loads(single.read_text())
