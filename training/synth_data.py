@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from slidechat import prompts
+from slidechat.errors import ConfigError
 from slidechat.utils.io import read_jsonl, write_json_atomic
 
 
@@ -140,14 +141,16 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
 
 def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 3,
                             sentence_turns: bool = True, replay_mcq_rounds: int = 1, seed: int = 0,
-                            turns_per_conversation: int = 6, reasoned: bool = False) -> dict:
+                            turns_per_conversation: int = 6, reasoned: bool = False,
+                            replay_share: float = 1.0) -> dict:
     """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
 
     Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
     with ``reasoned`` each slide's finding first, then "The answer is B: Slide 2." -- ``reasoned_case_answer``),
     the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
     and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of every slide's own questions
-    (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``).
+    (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``), of
+    which a random ``replay_share`` of the conversations is kept.
     """
     from slidechat.synth.cases import case_closed_questions, reasoned_case_answer
 
@@ -181,8 +184,13 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
                                          open_rounds=replay_mcq_rounds, describe_rounds=replay_mcq_rounds,
                                          seed=seed + 1,
                                          turns_per_conversation=turns_per_conversation)
-        records += json.loads(single.read_text())
+        kept = json.loads(single.read_text())
         single.unlink()
+        if not 0.0 < replay_share <= 1.0:
+            raise ConfigError(f"case_data.replay_share {replay_share}: use a share in (0, 1]")
+        pick = np.random.default_rng([seed, 11]).permutation(len(kept))[: max(1, round(replay_share * len(kept)))]
+        records += [kept[i] for i in sorted(pick)]
+        counts["replay_conversations"] = len(pick)
         counts.update({f"replay_{k}": v for k, v in replay.items()})
     order = np.random.default_rng([seed, 5]).permutation(len(records))
     write_json_atomic(Path(out_path), [records[i] for i in order], indent=None)
