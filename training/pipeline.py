@@ -245,15 +245,16 @@ def evaluation_summary(results: dict) -> dict:
     return out
 
 
-def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> dict:
-    """Generate (or reuse) the fresh SynthSlide set and run the evaluation runner on it; returns the summary."""
+def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep, name: str = "run") -> dict:
+    """Generate (or reuse) the fresh SynthSlide set and run the evaluation runner on it (results in
+    ``out_dir/<name>``, cases in ``out_dir/<name>-cases``); returns the summary."""
     from slidechat.evaluation.runner import EvalRunConfig, run_evaluation
     from slidechat.synth import generate_dataset
 
     synth_dir = Path(step.synth_dir) if step.synth_dir else out_dir / f"synth-seed{step.seed}"
     if not (synth_dir / "dataset.json").exists():
         generate_dataset(synth_dir, step.n, seed=step.seed, size=step.size)
-    results = run_evaluation(EvalRunConfig(checkpoint=str(checkpoint), data=str(synth_dir), out_dir=str(out_dir / "run"),
+    results = run_evaluation(EvalRunConfig(checkpoint=str(checkpoint), data=str(synth_dir), out_dir=str(out_dir / name),
                                            tasks=list(step.tasks), limit=step.limit,
                                            mcq_max_new_tokens=step.max_new_tokens,
                                            cache_dir=str(out_dir / "feature-cache"), progress=False))
@@ -268,7 +269,7 @@ def evaluate_checkpoint(checkpoint: Path, out_dir: Path, step: EvaluateStep) -> 
         bench = case_dir / "case_closed_vqa.csv"
         case_results = run_evaluation(EvalRunConfig(
             checkpoint=str(checkpoint), data=str(bench), slides_dir=str(case_dir / "slides"),
-            out_dir=str(out_dir / "case_run"), tasks=["closed_vqa"], mcq_max_new_tokens=step.case_max_new_tokens,
+            out_dir=str(out_dir / f"{name}-cases"), tasks=["closed_vqa"], mcq_max_new_tokens=step.case_max_new_tokens,
             cache_dir=str(out_dir / "feature-cache"), progress=False))
         summary["cases"] = {"n_cases": step.cases, **evaluation_summary(case_results)}
     log.info("[pipeline] evaluation: %s", json.dumps(summary))
@@ -300,8 +301,9 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False) -> dict:
     run.summary["wall_time_s"] = round(time.perf_counter() - t_all + run.summary.get("wall_time_s_before", 0.0), 1)
     write_json_atomic(run.summary_path, run.summary)
     if recipe.evaluate is not None and run.prev_final is not None:
+        # one results folder per final stage: a resumed run never mixes answers of two checkpoints
         run.record("evaluate", evaluate_checkpoint(Path(recipe.export or run.prev_final), run.out / "eval",
-                                                   recipe.evaluate))
+                                                   recipe.evaluate, name=f"run-{run.prev_final.parent.name}"))
     return run.summary
 
 

@@ -62,11 +62,12 @@ def report_answers(truth: dict, summary: str | None) -> dict[str, str]:
 
 def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 4,
                             report_questions: bool = True, open_rounds: int = 0, describe_rounds: int = 0,
-                            seed: int = 0, turns_per_conversation: int = 1) -> dict:
+                            presence_per_round: int = 1, seed: int = 0, turns_per_conversation: int = 1) -> dict:
     """Write the demo's stage-2 instruction JSON from a SynthSlide folder; returns counts per kind.
 
     Per slide: ``mcq_rounds`` option shuffles of the closed questions, ``open_rounds`` draws of the open questions
-    (one per type, a new paraphrase and presence tissue each draw), ``describe_rounds`` descriptions and, with
+    (one per type, a new paraphrase each draw; ``presence_per_round`` presence questions about distinct tissues),
+    ``describe_rounds`` descriptions and, with
     ``report_questions``, the report questions (the summary answered by a description).
 
     ``turns_per_conversation`` > 1 packs a slide's questions (shuffled) into multi-turn conversations: the system
@@ -95,8 +96,11 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
                 counts["mcq"] += 1
         for r in range(open_rounds):
             rng = np.random.default_rng([seed, t["index"], r, 23])
-            for q in T.open_questions(t, rng):
-                add(f"{sid}-open{r}-{q['category']}", sid, q["question"], q["answer"], r)
+            qs = T.open_questions(t, rng)
+            if presence_per_round != 1:
+                qs = [q for q in qs if q["category"] != "presence"] + T.presence_questions(t, rng, presence_per_round)
+            for k, q in enumerate(qs):
+                add(f"{sid}-open{r}-{k}-{q['category']}", sid, q["question"], q["answer"], r)
                 counts["open"] += 1
         for r in range(describe_rounds):
             rng = np.random.default_rng([seed, t["index"], r, 31])
@@ -104,7 +108,9 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
                 T.description(t, rng), r)
             counts["describe"] += 1
         if report_questions:
-            answers = report_answers(t, T.description(t, np.random.default_rng([seed, t["index"], 37])))
+            # the summary leaves the tumour fraction to its field, so the report states it once
+            summary = T.description(t, np.random.default_rng([seed, t["index"], 37]), tumour_fraction=False)
+            answers = report_answers(t, summary)
             for field, question in prompts.REPORT_QUESTIONS.items():
                 if field in answers:
                     add(f"{sid}-report-{field}", sid, question, answers[field])
@@ -142,7 +148,7 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
 def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 3,
                             sentence_turns: bool = True, replay_mcq_rounds: int = 1, seed: int = 0,
                             turns_per_conversation: int = 6, reasoned: bool = False,
-                            replay_share: float = 1.0) -> dict:
+                            replay_share: float = 1.0, replay_presence_per_round: int = 1) -> dict:
     """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
 
     Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
@@ -150,7 +156,8 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
     and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of every slide's own questions
     (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``), of
-    which a random ``replay_share`` of the conversations is kept.
+    which a random ``replay_share`` of the conversations is kept (``replay_presence_per_round``: presence questions
+    per round of open questions).
     """
     from slidechat.synth.cases import case_closed_questions, reasoned_case_answer
 
@@ -182,6 +189,7 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
         single = Path(out_path).with_name(Path(out_path).stem + ".single.json")
         replay = build_demo_instructions(case_dir, single, mcq_rounds=replay_mcq_rounds, report_questions=True,
                                          open_rounds=replay_mcq_rounds, describe_rounds=replay_mcq_rounds,
+                                         presence_per_round=replay_presence_per_round,
                                          seed=seed + 1,
                                          turns_per_conversation=turns_per_conversation)
         kept = json.loads(single.read_text())

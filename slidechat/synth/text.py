@@ -122,9 +122,9 @@ def _pick(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _by_area(truth: dict) -> list[str]:
-    fr = truth["area_fractions"]
-    return sorted(truth["classes_present"], key=lambda c: -fr[c])
+def _in_class_order(classes) -> list[str]:
+    """Tissues in the fixed class order (``TISSUE_CLASSES``): a list a reader can walk class by class."""
+    return [c for c in TISSUE_CLASSES if c in classes]
 
 
 def _tumour_share(truth: dict) -> str:
@@ -143,7 +143,7 @@ def open_answer(category: str, truth: dict, rng: np.random.Generator, tissue: st
     the fragment count, and the tumour fraction by bin; per-tissue area shares are left to the caption."""
     les = truth["lesion"]
     if category == "composition":
-        names = _join([DISPLAY_NAMES[c] for c in _by_area(truth)])
+        names = _join([DISPLAY_NAMES[c] for c in _in_class_order(truth["classes_present"])])
         return _pick(rng, (f"The slide contains {names}.", f"The tissue is made up of {names}.",
                            f"I can see {names}."))
     if category == "dominant":
@@ -196,10 +196,28 @@ def open_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
     return qs
 
 
-def description(truth: dict, rng: np.random.Generator) -> str:
-    """A slide description in the words a slide-level reader can back: fragments, tissues (dominant first),
-    the lesion and its quadrant, the tumour fraction by bin (one of several phrasings)."""
-    order = [DISPLAY_NAMES[c] for c in _by_area(truth)]
+def presence_questions(truth: dict, rng: np.random.Generator, k: int) -> list[dict]:
+    """``k`` presence questions about distinct tissue classes (present and absent ones alternating, as far as the
+    slide has both), each in a drawn phrasing with its answer."""
+    present = [truth["classes_present"][i] for i in rng.permutation(len(truth["classes_present"]))]
+    absent = [c for c in TISSUE_CLASSES if c not in truth["classes_present"]]
+    absent = [absent[i] for i in rng.permutation(len(absent))]
+    order = []
+    for i in range(max(len(present), len(absent))):
+        pair = [present[i:i + 1], absent[i:i + 1]]
+        for part in (pair if rng.random() < 0.5 else pair[::-1]):
+            order += part
+    return [{"category": "presence", "question": _pick(rng, OPEN_QUESTIONS["presence"]).format(tissue=DISPLAY_NAMES[c]),
+             "answer": open_answer("presence", truth, rng, c)} for c in order[:k]]
+
+
+def description(truth: dict, rng: np.random.Generator, tumour_fraction: bool = True) -> str:
+    """A slide description in the words a slide-level reader can back: fragments, tissues (the dominant one,
+    then the others in class order), the lesion and its quadrant, the tumour fraction by bin (one of several
+    phrasings). ``tumour_fraction=False`` leaves the fraction out (a report states it in its own field)."""
+    dominant = truth["dominant_class"]
+    rest = _in_class_order(set(truth["classes_present"]) - {dominant})
+    order = [DISPLAY_NAMES[c] for c in ([dominant] if dominant else []) + rest]
     frag = _fragments_phrase(truth["n_fragments"])
     tissue = (f"composed mainly of {order[0]}, with {_join(order[1:])}" if len(order) > 1
               else f"composed of {order[0]} only")
@@ -213,8 +231,9 @@ def description(truth: dict, rng: np.random.Generator) -> str:
         text += " " + _pick(rng, (f"A {name} lies in the {quad} quadrant.",
                                   f"There is a {name} in the {quad} quadrant of the specimen."))
     if truth["tumor_fraction"] > 0:
-        text += " " + _pick(rng, (f"Tumour fraction: {_tumour_share(truth)} of the tissue area.",
-                                  f"Tumour makes up {_tumour_share(truth)} of the tissue."))
+        if tumour_fraction:
+            text += " " + _pick(rng, (f"Tumour fraction: {_tumour_share(truth)} of the tissue area.",
+                                      f"Tumour makes up {_tumour_share(truth)} of the tissue."))
     else:
         text += " No tumour is seen."
     return text

@@ -54,7 +54,7 @@ def test_pipeline_runs_every_step_on_the_trainer_and_resumes(tiny_llm_dir, tmp_p
     assert steps["slide_pretrain"]["steps"] == 4 and steps["stage1"]["steps"] == 2
     ev = steps["evaluate"]
     assert ev["questions"] == 2 and 0.0 <= ev["closed_vqa_accuracy"] <= 1.0 and ev["per_category"]
-    assert (run / "eval" / "run" / "results.json").is_file()
+    assert (run / "eval" / "run-stage1" / "results.json").is_file()  # one folder per evaluated stage
     again = run_pipeline(recipe, resume=True)  # everything is complete: nothing is trained again
     assert again["steps"]["stage1"]["final_loss"] == steps["stage1"]["final_loss"]
     assert again["steps"]["slide_pretrain"] == steps["slide_pretrain"]
