@@ -9,8 +9,9 @@ Steps, each skipped when its output is already complete (so ``--resume`` after a
 5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint (with the
    statistics of its training features, ``feature_stats.*``, for the out-of-distribution warning);
 6. ``export``: the last checkpoint copied to ``export`` (and the CNN to ``slidechat/assets/demo_cnn.safetensors``);
-7. ``evaluate``: ``slidechat eval run`` (the recipe's tasks: closed VQA, free text fact by fact, reports, pointing game) on a fresh SynthSlide set with an
-   unseen seed; its summary is recorded in ``pipeline.json``, the full results in ``<out>/eval/run/``.
+7. ``evaluate``: ``slidechat eval run`` (the recipe's tasks: closed VQA, free text fact by fact, reports, pointing
+   game) on a fresh SynthSlide set with an unseen seed; its summary is recorded in ``pipeline.json``, the full
+   results in ``<out>/eval/run-<last stage>/``.
 
 Paths inside stage recipes may use ``{out}`` for the pipeline's output folder.
 """

@@ -67,8 +67,8 @@ def build_demo_instructions(synth_dir: str | Path, out_path: str | Path, *, mcq_
 
     Per slide: ``mcq_rounds`` option shuffles of the closed questions, ``open_rounds`` draws of the open questions
     (one per type, a new paraphrase each draw; ``presence_per_round`` presence questions about distinct tissues),
-    ``describe_rounds`` descriptions and, with
-    ``report_questions``, the report questions (the summary answered by a description).
+    ``describe_rounds`` descriptions and, with ``report_questions``, the report questions (the summary answered by
+    a description).
 
     ``turns_per_conversation`` > 1 packs a slide's questions (shuffled) into multi-turn conversations: the system
     prompt and slide tokens are then paid once per conversation instead of once per question.
