@@ -74,3 +74,25 @@ def test_committed_recipes_load(name):
     from slidechat.training.recipe import load_recipe
 
     load_recipe(Path(__file__).resolve().parents[2] / "training" / "recipes" / name)
+
+
+def test_evaluation_summary_records_free_text_and_report_scores():
+    from slidechat.training.pipeline import evaluation_summary
+
+    ci = {"ci_low": 0.0, "ci_high": 1.0, "n": 4}
+    results = {
+        "closed_vqa": {"overall": {"accuracy": 0.75, "n": 4}, "narrow_category": {"Dominant tissue": {"accuracy": 1.0, "n": 2}}},
+        "facts": {"open_vqa": {"overall": {"accuracy": 0.5, **ci},
+                               "per_category": {"presence": {"accuracy": 0.25, **ci}, "lesion": {"accuracy": 1.0, **ci}}},
+                  "captioning": {"fact_precision": {"value": 0.9, **ci}, "contradiction_rate": {"value": 0.0, **ci}},
+                  "reports": {"fact_precision": {"value": None, **ci}, "contradiction_rate": {"value": None, **ci}}},
+        "report_fields": {"mean_field_accuracy": 0.8, "exact_report": 0.5,
+                          "fields": {"a": {"accuracy": 1.0, "n": 2}, "b": {"accuracy": 0.6, "n": 2}}},
+    }
+    out = evaluation_summary(results)
+    assert out["closed_vqa_accuracy"] == 0.75 and out["open_fact_accuracy"] == 0.5
+    assert out["open_per_type"] == {"lesion": 1.0, "presence": 0.25}
+    assert out["captioning_fact_precision"] == 0.9 and out["captioning_contradiction_rate"] == 0.0
+    assert "reports_fact_precision" not in out  # a task without claims is left out, not reported as 0
+    assert (out["report_fields_mean"], out["report_fields_min"], out["reports_all_right"]) == (0.8, 0.6, 0.5)
+    assert "pointing_game_mask" not in out
