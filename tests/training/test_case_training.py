@@ -59,7 +59,8 @@ def test_reasoned_case_answers_name_each_slide_and_parse_to_the_right_letter(cas
     assert len(records) == 2 * 2 * 3
     for r in records:
         prompt, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
-        options = dict(line.split(". ", 1) for line in prompt.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. "))
+        options = dict(line.split(". ", 1) for line in prompt.splitlines()
+                       if line[:3] in ("A. ", "B. ", "C. ", "D. "))
         truth = truths[r["id"].split("-mcq")[0]]
         assert answer.count("Slide ") >= len(truth["slide_ids"])  # every slide's finding before the choice
         letter = parse_choice(answer, options)

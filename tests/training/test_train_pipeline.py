@@ -81,9 +81,11 @@ def test_evaluation_summary_records_free_text_and_report_scores():
 
     ci = {"ci_low": 0.0, "ci_high": 1.0, "n": 4}
     results = {
-        "closed_vqa": {"overall": {"accuracy": 0.75, "n": 4}, "narrow_category": {"Dominant tissue": {"accuracy": 1.0, "n": 2}}},
+        "closed_vqa": {"overall": {"accuracy": 0.75, "n": 4},
+                       "narrow_category": {"Dominant tissue": {"accuracy": 1.0, "n": 2}}},
         "facts": {"open_vqa": {"overall": {"accuracy": 0.5, **ci},
-                               "per_category": {"presence": {"accuracy": 0.25, **ci}, "lesion": {"accuracy": 1.0, **ci}}},
+                               "per_category": {"presence": {"accuracy": 0.25, **ci},
+                                                "lesion": {"accuracy": 1.0, **ci}}},
                   "captioning": {"fact_precision": {"value": 0.9, **ci}, "contradiction_rate": {"value": 0.0, **ci}},
                   "reports": {"fact_precision": {"value": None, **ci}, "contradiction_rate": {"value": None, **ci}}},
         "report_fields": {"mean_field_accuracy": 0.8, "exact_report": 0.5,
