@@ -178,6 +178,11 @@ def open_answer(category: str, truth: dict, rng: np.random.Generator, tissue: st
     raise ValueError(f"unknown open question category {category!r}")
 
 
+def _presence_question(truth: dict, rng: np.random.Generator, tissue: str) -> dict:
+    question = _pick(rng, OPEN_QUESTIONS["presence"]).format(tissue=DISPLAY_NAMES[tissue])
+    return {"category": "presence", "question": question, "answer": open_answer("presence", truth, rng, tissue)}
+
+
 def open_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
     """One open question per type, each in a drawn phrasing, with a reference answer: {question, answer,
     category} (presence: a present or an absent tissue, equally likely)."""
@@ -189,8 +194,7 @@ def open_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
                    "answer": open_answer(category, truth, rng)})
     ask_present = bool(rng.random() < 0.5) if absent and present else bool(present)
     cls = present[int(rng.integers(len(present)))] if ask_present else absent[int(rng.integers(len(absent)))]
-    qs.append({"category": "presence", "question": _pick(rng, OPEN_QUESTIONS["presence"]).format(
-        tissue=DISPLAY_NAMES[cls]), "answer": open_answer("presence", truth, rng, cls)})
+    qs.append(_presence_question(truth, rng, cls))
     qs.append({"category": "fragments", "question": _pick(rng, OPEN_QUESTIONS["fragments"]),
                "answer": open_answer("fragments", truth, rng)})
     return qs
@@ -207,8 +211,7 @@ def presence_questions(truth: dict, rng: np.random.Generator, k: int) -> list[di
         pair = [present[i:i + 1], absent[i:i + 1]]
         for part in (pair if rng.random() < 0.5 else pair[::-1]):
             order += part
-    return [{"category": "presence", "question": _pick(rng, OPEN_QUESTIONS["presence"]).format(tissue=DISPLAY_NAMES[c]),
-             "answer": open_answer("presence", truth, rng, c)} for c in order[:k]]
+    return [_presence_question(truth, rng, c) for c in order[:k]]
 
 
 def description(truth: dict, rng: np.random.Generator, tumour_fraction: bool = True) -> str:
