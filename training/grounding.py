@@ -6,6 +6,10 @@ shows. With ``p`` the map normalised to a distribution over patches and ``t`` th
 patch inside the annotation), ``loss = relu(log(target_mass) - log(sum p * t / max t))`` — zero once the
 annotated patches hold ``target_mass`` of the attention, so the rest stays free for the other questions. Slides
 without an annotation (all-zero targets) add nothing. Used by the demo recipe with SynthSlide lesion masks.
+
+A mass target alone leaves the heatmap's peak free: half the mass can sit on a large lesion while one patch outside
+it is the brightest. ``peak_loss`` asks for the peak itself (what the pointing game scores): the most relevant
+patch mostly inside the annotation must outscore every patch outside it by ``margin``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,30 @@ def grounding_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | N
         mass = (p * t).sum().clamp_min(1e-8)
         losses.append(torch.relu(math.log(target_mass) - torch.log(mass)))
     return torch.stack(losses).mean() if losses else None
+
+
+def peak_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | None],
+              margin: float = 1.5) -> torch.Tensor | None:
+    """Mean of ``relu(log(max outside) - log(max inside) + log(margin))`` over slides with an annotation; inside =
+    patches at least half in it (its best-covered patch when none is), outside = patches not touching it."""
+    losses = []
+    for rel, t in zip(relevance, targets):
+        if t is None or float(t.max()) <= 0:
+            continue
+        t = t.to(rel.device, rel.dtype)
+        inside, outside = t >= min(0.5, float(t.max())), t <= 0
+        if not bool(outside.any()):
+            continue
+        p = rel / rel.sum().clamp_min(1e-12)
+        top_in, top_out = p[inside].max().clamp_min(1e-12), p[outside].max().clamp_min(1e-12)
+        losses.append(torch.relu(torch.log(top_out) - torch.log(top_in) + math.log(margin)))
+    return torch.stack(losses).mean() if losses else None
+
+
+def pointing_hits(relevance: list[torch.Tensor], targets: list[torch.Tensor | None]) -> list[bool]:
+    """Per slide with an annotation: whether its most relevant patch is at least half inside it."""
+    return [bool(t[int(rel.argmax())] >= min(0.5, float(t.max())))
+            for rel, t in zip(relevance, targets) if t is not None and float(t.max()) > 0]
 
 
 def forward_with_grounding(model, batch: dict, weight: float, target_mass: float = 0.5):

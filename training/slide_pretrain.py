@@ -22,7 +22,7 @@ from torch import nn
 
 from slidechat.synth.classes import LESION_CLASSES, QUADRANTS, TISSUE_CLASSES, TUMOR_FRACTION_BINS, tumor_fraction_bin
 from slidechat.utils.io import read_jsonl
-from slidechat.training.grounding import grounding_loss
+from slidechat.training.grounding import grounding_loss, peak_loss, pointing_hits
 from slidechat.training.trainer import (GeneratorStage, StepOutput, Trainer, TrainContext, TrainerSettings,
                                         epoch_order)
 
@@ -86,6 +86,8 @@ class SlidePretrainConfig:
     keep_min: float = 0.85        # random patch dropout: keep this fraction or more of each slide's patches
     grounding_weight: float = 0.2
     grounding_target: float = 0.5
+    peak_weight: float = 0.0      # the heatmap's peak inside the lesion (``grounding.peak_loss``)
+    peak_margin: float = 1.5
     val_fraction: float = 0.1
     augment: bool = True          # random flips / transpose of the patch coords (quadrant targets follow)
     seed: int = 0
@@ -136,7 +138,8 @@ def _batch_loss(model, heads, items, targets, cfg, train: bool, gen: torch.Gener
         feats.append(f)
         coords.append(c)
         gts.append(g)
-    encodings, proj = model.encode_features(feats, coords, output_attentions=cfg.grounding_weight > 0)
+    attend = cfg.grounding_weight > 0 or cfg.peak_weight > 0 or not train
+    encodings, proj = model.encode_features(feats, coords, output_attentions=attend)
     tokens = torch.stack(proj.tokens).float()
     logits = heads(tokens)
     loss = 0.0
@@ -159,10 +162,18 @@ def _batch_loss(model, heads, items, targets, cfg, train: bool, gen: torch.Gener
             loss = loss + F.cross_entropy(lg, t)
             correct[k] = (lg.argmax(1) == t).float()
     g = None
-    if cfg.grounding_weight > 0 and proj.cross_attentions:
-        g = grounding_loss(model.projector.patch_relevance(encodings, proj), gts, cfg.grounding_target)
-        if g is not None:
-            loss = loss + cfg.grounding_weight * g
+    if proj.cross_attentions:
+        relevance = model.projector.patch_relevance(encodings, proj)
+        if cfg.grounding_weight > 0:
+            g = grounding_loss(relevance, gts, cfg.grounding_target)
+            if g is not None:
+                loss = loss + cfg.grounding_weight * g
+        if cfg.peak_weight > 0:
+            peak = peak_loss(relevance, gts, cfg.peak_margin)
+            if peak is not None:
+                loss = loss + cfg.peak_weight * peak
+        if not train:
+            correct["pointing"] = torch.tensor(pointing_hits([r.detach() for r in relevance], gts), dtype=torch.float)
     return loss, correct, g
 
 
@@ -185,7 +196,8 @@ def load_slides(synth_dir: str | Path, features_dir: str | Path, grounding_dir: 
 
 
 def attribute_accuracy(model, heads, data: list, cfg: SlidePretrainConfig, batch_size: int = 32) -> dict[str, float]:
-    """Held-out accuracy of each attribute head (presence: all six classes right)."""
+    """Held-out accuracy of each attribute head (presence: all six classes right); ``pointing``: the share of slides
+    with a lesion whose relevance peak is on it (the pointing game, when the projector has its own attention)."""
     model.eval()
     heads.eval()
     hits: dict[str, list] = {}
@@ -196,7 +208,7 @@ def attribute_accuracy(model, heads, data: list, cfg: SlidePretrainConfig, batch
             _, correct, _ = _batch_loss(model, heads, [d[0] for d in chunk], [d[1] for d in chunk], cfg, False, gen)
             for k, v in correct.items():
                 hits.setdefault(k, []).append(v)
-    return {k: round(float(torch.cat(v).mean()), 3) for k, v in hits.items()}
+    return {k: round(float(torch.cat(v).mean()), 3) for k, v in hits.items() if sum(len(x) for x in v)}
 
 
 class _WithHeads(nn.Module):

@@ -71,6 +71,22 @@ def _install_stream_probe(page) -> None:
     }""")
 
 
+def _install_progress_probe(page) -> None:
+    """Record every progress text ("Encoding patches (k/N)", ...) the page shows, however briefly: a fast encode
+    can pass through its states between two polls of the test."""
+    page.evaluate("""() => {
+        window.__progressTexts = [];
+        const pattern = /(Encoding patches|Detecting tissue) \\(\\d+\\/\\d+\\)/g;
+        const record = (text) => {
+            for (const m of (text || '').matchAll(pattern))
+                if (!window.__progressTexts.includes(m[0])) window.__progressTexts.push(m[0]);
+        };
+        new MutationObserver((mutations) => {
+            for (const m of mutations) record(m.target.textContent);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
 def _image_src(page) -> str:
     return page.get_attribute("#sc-image img", "src") or ""
 
@@ -92,18 +108,17 @@ def test_upload_progress_chat_heatmap_report_and_bad_upload(browser, served, tes
     # 1. upload a slide: progress with counts while encoding, then thumbnail + facts
     upload = tmp_path / "case-A.tiff"
     shutil.copyfile(slides[0], upload)
+    _install_progress_probe(page)
     page.set_input_files("#sc-upload input[type=file]", str(upload))
-    progress_lines: set[str] = set()
     deadline = time.time() + 90
     shot_taken = False
     while time.time() < deadline and not page.query_selector("#sc-status .sc-ok, #sc-status .sc-error"):
-        text = page.inner_text("body")
-        lines = [ln for ln in text.splitlines() if "Encoding patches (" in ln or "Detecting tissue (" in ln]
-        progress_lines.update(lines)
-        if not shot_taken and any(re.search(r"Encoding patches \(([1-9]\d*)/", ln) for ln in lines):
+        if not shot_taken and any(re.search(r"Encoding patches \(([1-9]\d*)/", ln)
+                                  for ln in page.evaluate("window.__progressTexts")):
             page.screenshot(path=str(shots / "02_encoding_progress.png"), full_page=True)
             shot_taken = True
         time.sleep(0.05)
+    progress_lines = set(page.evaluate("window.__progressTexts"))
     status = page.inner_text("#sc-status")
     assert "Opened case-A.tiff" in status, status
     n_patches = next(s for s in service.registry.sessions() if s.source_name == "case-A.tiff").info["patches"]
