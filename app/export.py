@@ -54,7 +54,9 @@ def report_record(report: Any, slide_info: dict, model_label: str = "", evidence
         "slide": _jsonable(slide_info),
         "fields": _jsonable(dict(getattr(report, "fields", {}) or {})),
         "text": str(getattr(report, "text", "")),
-        "evidence": [{"rank": e["rank"], "box": _jsonable(e["box"]), "score": e["score"]} for e in evidence or []],
+        "evidence": [{"rank": e["rank"], "box": _jsonable(e["box"]), "score": e["score"],
+                      **({"slide": int(e["slide"]), "slide_name": e.get("slide_name")} if "slide" in e else {})}
+                     for e in evidence or []],
     }
 
 

@@ -316,10 +316,17 @@ class ChatService:
             self._show_case_slide(session, 0)
             n = sum(m.encoded.num_patches for m in members)
             session.info = {"case": f"{len(members)} slides, {n} tissue patches"}
-            session.info.update({m.name: f"{m.encoded.num_patches} patches" for m in members})
+            notices = []
+            for m in members:
+                ood = getattr(m.encoded, "ood", None)  # None: the checkpoint has no training feature statistics
+                like = "" if ood is None else (f"; like training slides: {'no' if ood.flagged else 'yes'} "
+                                               f"(score {ood.score:.1f}, threshold {ood.threshold:.1f})")
+                session.info[m.name] = f"{m.encoded.num_patches} patches{like}"
+                if ood is not None and ood.flagged:
+                    notices.append(f"{m.name}: {ood.message}")
             session.touch()
             return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
-                                seconds=time.perf_counter() - t0)
+                                seconds=time.perf_counter() - t0, notice=" ".join(notices) or None)
 
     def select_slide(self, session: SlideSession, index: int) -> None:
         """Show slide ``index`` of the open case in the viewer (its layers and its heatmap of the last answer)."""

@@ -248,6 +248,8 @@ class Handlers:
             status = _status("ok", f"Opened a case of {len(session.case)} slides: {summary.num_patches} tissue "
                                    f"patches ({how}). Answers name the slide they are about; pick a slide in the "
                                    "strip to view it.")
+            if summary.notice:
+                status += _status("warn", summary.notice)
         except SlideChatError as exc:
             if session.busy is None:
                 session.clear_slide()

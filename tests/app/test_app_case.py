@@ -65,3 +65,42 @@ def test_case_of_two_slides_switches_viewer_and_names_slides(tiny_slide_assistan
         assert session.case == [] and session.conversation.num_slides == 1
     finally:
         service.registry.close_all()
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_demo_case_of_a_scanner_slide_and_a_synthslide(cmu_slide, synth_dataset, tmp_path):
+    """The shipped checkpoint in the app's service: a real scanner slide and a SynthSlide as one case; the notice
+    names the scanner slide (unlike the training slides), the SynthSlide passes, the answer, heatmaps, evidence and
+    the case report cover both."""
+    import json
+
+    import slidechat
+
+    synth = sorted((synth_dataset / "slides").glob("*.tiff"))[0]
+    service = ChatService(slidechat.load("demo", device="cpu"),
+                          AppConfig(cache_dir=tmp_path / "cache", n_examples=0, max_new_tokens=32,
+                                    report_max_new_tokens=8, report_summary_tokens=16),
+                          SessionRegistry(tmp_path / "sessions"))
+    try:
+        session = service.registry.get("mixed")
+        summary = service.open_case(session, [cmu_slide, synth], names=["skin H&E", "synthetic H&E"])
+        assert summary.notice and summary.notice.startswith("Slide 1 (skin H&E): This slide is unlike the slides")
+        assert "Slide 2" not in summary.notice
+        assert "like training slides: no" in session.info["Slide 1 (skin H&E)"]
+        assert "like training slides: yes" in session.info["Slide 2 (synthetic H&E)"]
+
+        answer = list(service.ask(session, "Which slide shows the focal lesion?"))[-1]
+        assert answer.strip() and session.transcript[-1]["content"] == answer
+        assert [len(h.scores) for h in session.case_heatmaps] == [m.encoded.num_patches for m in session.case]
+        assert session.evidence and {e["slide"] for e in session.evidence} <= {0, 1}
+        service.select_slide(session, 1)
+        assert service.tiles.for_session("mixed").path == synth.resolve()
+
+        markdown, json_path, _ = service.make_report(session)
+        record = json.loads(json_path.read_text())
+        assert markdown.strip() and record["fields"] and record["evidence"]
+        assert "like training slides: no" in record["slide"]["Slide 1 (skin H&E)"]
+        assert all(e["slide_name"] == f"Slide {e['slide'] + 1} ({('skin', 'synthetic')[e['slide']]} H&E)"
+                   for e in record["evidence"])
+    finally:
+        service.registry.close_all()
