@@ -331,9 +331,10 @@ class ThreadedBlockLoader:
                 yield _to_tensors(item)
 
 
-def patch_loader(dataset, num_workers: int = 2, prefetch: int = 4, mode: str = "processes"):
-    """Iterate (indices, patches) per block: a torch DataLoader with ``num_workers`` worker processes
-    (``mode="processes"``, default) or a thread pool in this process (``mode="threads"``)."""
+def patch_loader(dataset, num_workers: int = 2, prefetch: int = 4, mode: str = "threads"):
+    """Iterate (indices, patches) per block: a thread pool in this process (``mode="threads"``, default: the
+    decoders release the GIL, and no patch crosses a process boundary) or a torch DataLoader with ``num_workers``
+    worker processes (``mode="processes"``)."""
     import torch
     from torch.utils.data import DataLoader
 
