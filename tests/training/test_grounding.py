@@ -30,7 +30,7 @@ def test_peak_loss_pulls_the_peak_onto_the_lesion():
     opt = torch.optim.SGD([logits], lr=0.5)
     for _ in range(50):
         loss = peak_loss([logits.softmax(0)], [LESION], margin=1.5)
-        if loss is None or float(loss) == 0.0:
+        if loss is None or float(loss.detach()) == 0.0:
             break
         opt.zero_grad()
         loss.backward()
