@@ -129,6 +129,12 @@ def _evidence_panel(session: SlideSession, mpp: float | None) -> str:
     return ""
 
 
+def _flagged(encoded: Any) -> bool:
+    """Whether an encoded slide's out-of-distribution check flagged it (False without a check)."""
+    ood = getattr(encoded, "ood", None)
+    return bool(ood is not None and ood.flagged)
+
+
 def _session(service: ChatService, request: gr.Request | None) -> SlideSession:
     return service.registry.get(getattr(request, "session_hash", None) or "anonymous")
 
@@ -328,7 +334,13 @@ class Handlers:
         except Exception:
             log.exception("conversation export failed")
             conv_path = gr.skip()
-        return (list(session.transcript), gr.skip(), image, _status("ok", text), conv_path, self.viewer(session),
+        status = _status("ok", text)
+        unlike = [m.name for m in session.case if _flagged(m.encoded)] if session.case else (
+            ["This slide"] if _flagged(session.slide) else [])
+        if unlike:  # the answer is read next to the reminder, not only after opening the slide
+            status += _status("warn", f"{' and '.join(unlike)} {'is' if len(unlike) == 1 else 'are'} unlike the "
+                                      "slides this model was trained on: read this answer with care.")
+        return (list(session.transcript), gr.skip(), image, status, conv_path, self.viewer(session),
                 self.evidence(session))
 
     def view(self, show: bool, alpha: float, request: gr.Request):

@@ -60,5 +60,13 @@ def test_ood_notice_in_status_only_for_unlike_slides(tiny_slide_assistant, synth
         status, facts = open_status("unlike")
         assert "sc-warn" in status and "unlike the slides this model was trained on" in status
         assert facts["like training slides"].startswith("no")
+
+        # the reminder stays beside every answer about an unlike slide, and only there
+        for sid, unlike in (("unlike", True), ("alike", False)):
+            session = service.registry.get(sid)
+            list(service.ask(session, "Is there tumour in this slide?"))
+            answered = handlers._answered(session, False, 0.5)[3]
+            assert "Answered from the whole slide" in answered
+            assert ("This slide is unlike the slides this model was trained on" in answered) == unlike
     finally:
         service.registry.close_all()
