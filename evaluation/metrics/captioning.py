@@ -14,8 +14,11 @@ construction. Empty model outputs are scored as a single out-of-vocabulary token
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import sys
+from contextlib import contextmanager
 from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -36,13 +39,28 @@ def regex_tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in _PUNCT)
 
 
+@contextmanager
+def _stderr_silenced():
+    """File descriptor 2 points at /dev/null for the block (a child process inherits it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tokenize(captions: dict[str, list[str]], use_java: bool) -> dict[str, list[str]]:
     if use_java:
         try:
             from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
             wrapped = {k: [{"caption": c} for c in v] for k, v in captions.items()}
-            out = PTBTokenizer().tokenize(wrapped)
+            with _stderr_silenced():  # the Java tokenizer prints its token rate on the inherited stderr
+                out = PTBTokenizer().tokenize(wrapped)
             if set(out) == set(captions) and all(len(out[k]) == len(captions[k]) for k in captions):
                 return out
             log.warning("PTB tokenizer output did not line up; using the regex tokenizer")

@@ -40,9 +40,12 @@ MAX_SEQ_LENGTH = 256
 def _load_model(device: str = "cpu"):
     from transformers import AutoModel, AutoTokenizer
 
+    from slidechat.model.llm import quiet_loading
+
     path = str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    with quiet_loading():
+        model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
     return tokenizer, model
 
 

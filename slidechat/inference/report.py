@@ -3,7 +3,8 @@
 Each field's question is asked about the slide with the conversation's history cleared (answers do not bias each
 other; the key/values of the system prompt and slide tokens are reused) and its answer is decoded under the
 field's pattern (``slidechat.inference.constrained``), so every value is valid for the template. Fields with
-``when`` are asked only when that yes/no field is yes; derived fields are computed. The summary is then written
+``when`` are asked only when that yes/no field is yes (else they take their ``otherwise`` value); derived fields are
+computed as their turn comes, so a later ``when`` can read them. The summary is then written
 in a conversation that holds the field questions and answers, and the text report is rendered from the fields
 (plus that summary), so the two cannot disagree.
 
@@ -217,10 +218,14 @@ def schema_report(assistant, slide, schema: ReportSchema, max_new_tokens: int = 
     answers: dict[str, str] = {}
     history: list[dict[str, str]] = []
     for f in schema.fields:
-        if not f.asked:
+        if not f.asked:  # derived now, so that a later field's ``when`` can read it
+            schema.derive_field(f, values)
             continue
         if f.when and values.get(f.when) is not True:
-            values[f.name], answers[f.name] = None, ""
+            values[f.name], answers[f.name] = f.otherwise, ""
+            if f.otherwise is not None:  # the summary reads every field it is conditioned on, fixed ones too
+                history += [{"role": "user", "content": f.question},
+                            {"role": "assistant", "content": f.format_value(f.otherwise)}]
             continue
         conv.messages = []
         limit = token_budget(f)

@@ -19,13 +19,21 @@ A template is a YAML (or JSON) file::
         when: lesion_present                # asked only when that bool field is yes; null otherwise
       - name: tumor_present
         type: bool
-        derive: {field: tumor_fraction_percent, greater_than: 0}   # computed from another field, not asked
+        derive: {field: tissue_types, contains: tumour}   # computed from an earlier field, not asked
+      - name: tumor_fraction_percent
+        type: number
+        min: 1                              # asked only when tumour is present, so never 0% beside "tumour"
+        max: 100
+        when: tumor_present                 # a derived field may be the condition too
+        otherwise: 0                        # the value when the condition is not yes (default: null)
     summary:
       question: Write a short pathology report describing this slide.
 
 Types: ``enum`` (one of ``values``), ``list`` (several of ``values``, comma-separated), ``bool`` (yes/no),
 ``number`` (``min``..``max``, ``decimals`` places, ``unit``), ``text`` (one line of at most ``max_length``
-characters). Any field may be null ("not determined"). ``answer_regex()`` is the pattern the model's answer is
+characters). Any field may be null ("not determined"). Fields are asked (or derived) in order, so ``when`` and
+``derive`` refer to earlier fields; ``when`` + ``otherwise`` keep fields consistent with each other (a tumour
+fraction is only asked, and only above zero, when tumour is among the tissues). ``answer_regex()`` is the pattern the model's answer is
 constrained to (the short answer form the report questions are trained with); ``parse_answer`` reads it back;
 ``validate`` checks a whole ``fields`` dict.
 
@@ -49,7 +57,8 @@ DEFAULT_SCHEMA = "synthslide"
 FIELD_TYPES = ("enum", "list", "bool", "number", "text")
 MISSING = "not determined"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_FIELD_KEYS = {"name", "type", "question", "values", "none_answer", "when", "derive", "min", "max", "decimals",
+_FIELD_KEYS = {"name", "type", "question", "values", "none_answer", "when", "otherwise", "derive", "min", "max",
+               "decimals",
                "unit", "max_length", "label", "render", "render_false", "max_items"}
 _MAX_ENUMERATED_NUMBERS = 5000
 
@@ -77,6 +86,7 @@ class ReportField:
     values: tuple[str, ...] = ()
     none_answer: str | None = None
     when: str | None = None
+    otherwise: Any = None
     derive: dict[str, Any] | None = None
     min: float | None = None
     max: float | None = None
@@ -230,28 +240,36 @@ class ReportSchema:
     def derive(self, values: dict[str, Any]) -> None:
         """Fill the derived fields of ``values`` in place."""
         for f in self.fields:
-            if f.derive is None:
-                continue
-            src = values.get(f.derive["field"])
-            if src is None or src == [] and "contains" not in f.derive:
-                values[f.name] = None
-            elif "contains" in f.derive:
-                values[f.name] = f.derive["contains"] in (src or [])
-            elif "greater_than" in f.derive:
-                values[f.name] = float(src) > float(f.derive["greater_than"])
-            else:
-                values[f.name] = src == f.derive["equals"]
+            if f.derive is not None:
+                self.derive_field(f, values)
+
+    @staticmethod
+    def derive_field(f: ReportField, values: dict[str, Any]) -> None:
+        """Fill derived field ``f`` of ``values`` from its (earlier) source field."""
+        src = values.get(f.derive["field"])
+        if src is None or src == [] and "contains" not in f.derive:
+            values[f.name] = None
+        elif "contains" in f.derive:
+            values[f.name] = f.derive["contains"] in (src or [])
+        elif "greater_than" in f.derive:
+            values[f.name] = float(src) > float(f.derive["greater_than"])
+        else:
+            values[f.name] = src == f.derive["equals"]
 
     def validate(self, values: dict[str, Any]) -> list[str]:
         """Problems of a ``fields`` dict against this template (empty when it validates)."""
         problems = [f"missing field {name!r}" for name in self.field_names if name not in values]
         problems += [f"unknown field {k!r}" for k in values if k not in self._by_name and k != "summary"]
         for f in self.fields:
-            why = f.check(values.get(f.name))
+            value = values.get(f.name)
+            if f.when and values.get(f.when) is not True:
+                if value is not None and value != f.otherwise:
+                    problems.append(f"{f.name}: set although {f.when} is not yes"
+                                    + (f" (it is then {f.otherwise!r})" if f.otherwise is not None else ""))
+                continue
+            why = f.check(value)
             if why:
                 problems.append(f"{f.name}: {why}")
-            if f.when and values.get(f.when) is not True and values.get(f.name) is not None:
-                problems.append(f"{f.name}: set although {f.when} is not yes")
         if "summary" in values and not isinstance(values["summary"], str):
             problems.append("summary: expected text")
         return problems
@@ -283,7 +301,8 @@ class ReportSchema:
             elif f.type == "list":
                 p = {"type": ["array", "null"], "items": {"enum": list(f.values)}, "uniqueItems": True}
             elif f.type == "number":
-                p = {"type": ["number", "null"], "minimum": f.min, "maximum": f.max}
+                low = f.min if f.otherwise is None else min(f.min, float(f.otherwise))
+                p = {"type": ["number", "null"], "minimum": low, "maximum": f.max}
             else:
                 p = {"type": ["string", "null"], "maxLength": f.max_length}
             if f.question:
@@ -373,6 +392,15 @@ def _parse_field(raw: Any, i: int, where: str, seen: dict[str, ReportField]) -> 
         if when not in seen or seen[when].type != "bool":
             raise _err(at, f"'when: {when}' must name an earlier bool field")
         kw["when"] = when
+    if "otherwise" in raw:
+        other = raw["otherwise"]
+        if when is None:
+            raise _err(at, "'otherwise' is the value when the 'when' field is not yes: it needs 'when'")
+        numeric = isinstance(other, (int, float)) and not isinstance(other, bool)
+        probe = ReportField(**{**kw, "min": -float("inf"), "max": float("inf")} if ftype == "number" else kw)
+        if other is not None and (ftype == "number" and not numeric or ftype != "number" and probe.check(other)):
+            raise _err(at, f"'otherwise: {other!r}' is not a value of this {ftype} field")
+        kw["otherwise"] = float(other) if numeric else other
     if derive is not None:
         if not isinstance(derive, dict) or derive.get("field") not in seen:
             raise _err(at, "'derive' needs {field: <an earlier field>, and one of contains / greater_than / equals}")

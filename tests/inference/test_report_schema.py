@@ -67,11 +67,36 @@ def test_breast_template_loads_validates_and_renders():
     ({"colour": "red"}, "unknown key(s) ['colour']"),
     ({"render": "GRADE: {grde}"}, "names an unknown field"),
     ({"decimals": 7}, "'decimals' must be 0..3"),
+    ({"otherwise": 0}, "'otherwise' is the value when the 'when' field is not yes: it needs 'when'"),
 ])
 def test_malformed_field_gives_one_clear_error_naming_the_field(change, message):
     with pytest.raises(ReportSchemaError) as err:
         parse_report_schema(_minimal(**change), where="my.yaml")
     assert "my.yaml, field 'grade'" in str(err.value) and message in str(err.value)
+
+
+def test_otherwise_needs_a_value_of_its_field_and_keeps_fields_consistent():
+    fields = [{"name": "tumour", "type": "bool", "question": "Tumour?"},
+              {"name": "kind", "type": "enum", "question": "Kind?", "values": ["a", "b"], "when": "tumour"}]
+    with pytest.raises(ReportSchemaError, match="'otherwise: 'c'' is not a value of this enum field"):
+        parse_report_schema({"name": "t", "fields": [fields[0], {**fields[1], "otherwise": "c"}]}, where="t.yaml")
+    with pytest.raises(ReportSchemaError, match="is not a value of this number field"):
+        parse_report_schema({"name": "t", "fields": [fields[0], {"name": "pct", "type": "number", "question": "%?",
+                                                                "min": 1, "max": 100, "when": "tumour",
+                                                                "otherwise": "none"}]})
+    s = load_report_schema()  # SynthSlide: the tumour fraction follows the tissue list
+    f = s.field("tumor_fraction_percent")
+    assert (f.when, f.otherwise, f.min) == ("tumor_present", 0.0, 1.0)
+    base = {name: None for name in s.field_names} | {"tissue_types": ["fibrous stroma"], "lesion_present": False,
+                                                      "necrosis_present": False, "summary": "x"}
+    s.derive(base)
+    assert base["tumor_present"] is False
+    assert s.validate({**base, "tumor_fraction_percent": 0.0}) == []
+    assert s.validate({**base, "tumor_fraction_percent": 5.0}) == [
+        "tumor_fraction_percent: set although tumor_present is not yes (it is then 0.0)"]
+    with_tumour = {**base, "tissue_types": ["fibrous stroma", "tumour"], "tumor_present": True}
+    assert s.validate({**with_tumour, "tumor_fraction_percent": 0.0}) == ["tumor_fraction_percent: 0.0 outside 1..100"]
+    assert s.to_json_schema()["properties"]["tumor_fraction_percent"]["minimum"] == 0.0
 
 
 def test_malformed_documents(tmp_path):
@@ -104,8 +129,8 @@ def test_answer_patterns_accept_exactly_the_valid_answers():
     s = load_report_schema()
     pct = s.field("tumor_fraction_percent")
     rx = re.compile(pct.answer_regex())
-    assert all(rx.fullmatch(a) for a in ("0%", "35%", "100%", "7"))
-    assert not any(rx.fullmatch(a) for a in ("101%", "-3%", "35 %", "abc"))
+    assert all(rx.fullmatch(a) for a in ("1%", "35%", "100%", "7"))
+    assert not any(rx.fullmatch(a) for a in ("0%", "101%", "-3%", "35 %", "abc"))  # asked only beside tumour
     assert pct.parse_answer("35%") == 35.0
     tt = s.field("tissue_types")
     assert tt.parse_answer("necrosis, fibrous stroma, necrosis") == ["fibrous stroma", "necrosis"]
@@ -136,6 +161,11 @@ def test_untrained_model_reports_validate_under_every_shipped_template(tiny_qfor
             rep = tiny_qformer_chat.report(_features(60 + seed, seed), schema=name, max_new_tokens=8,
                                            summary_max_new_tokens=4, evidence_k=0)
             assert schema.validate(rep.fields) == [], (name, rep.raw_answers)
+            if name == "synthslide":  # the fields agree with each other whatever the model says
+                tumour = "tumour" in (rep.fields["tissue_types"] or [])
+                assert rep.fields["tumor_present"] is tumour
+                assert (rep.fields["tumor_fraction_percent"] == 0.0) is (not tumour)
+                assert bool(rep.raw_answers.get("tumor_fraction_percent")) is tumour  # asked only then
             assert all(re.fullmatch(schema.field(k).answer_regex(), a)
                        for k, a in rep.raw_answers.items() if a and k != "summary"), rep.raw_answers
             assert rep.to_dict()["schema"] == name and rep.text.splitlines()[0].split(":")[0].isupper()
