@@ -127,14 +127,12 @@ def test_dataset_folder_finds_its_slides_subfolder(synth_dataset, tmp_path):
         expand_slide_inputs([str(nested)])
 
 
-def test_extract_cli_on_a_synthslide_dataset_folder(synth_dataset, tmp_path, caplog):
+def test_extract_cli_on_a_synthslide_dataset_folder(synth_dataset, tmp_path):
     """`slidechat extract DIR` on a folder written by `slidechat synth`: its slides are in DIR/slides."""
-    with caplog.at_level(logging.INFO):
-        assert main(["extract", str(synth_dataset), "--encoder", "demo-cnn", "--out", str(tmp_path / "f"),
-                     "--num-workers", "0"]) == 0
+    assert main(["extract", str(synth_dataset), "--encoder", "demo-cnn", "--out", str(tmp_path / "f"),
+                 "--num-workers", "0"]) == 0
     slides = sorted(p.stem for p in (synth_dataset / "slides").iterdir())
-    assert sorted(p.stem for p in (tmp_path / "f").glob("*.h5")) == slides
-    assert any(f"using the {len(slides)} slides in" in r.getMessage() for r in caplog.records)
+    assert slides and sorted(p.stem for p in (tmp_path / "f").glob("*.h5")) == slides
 
 
 def test_truncated_tiff_gives_one_line_and_no_tifffile_log(cmu_slide, tmp_path, capfd, caplog):
