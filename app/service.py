@@ -93,6 +93,22 @@ def _recording_progress(progress: "ProgressFn | None", seen: set[str]):
     return on_progress
 
 
+def slide_ood(encoded: Any):
+    """An encoded slide's out-of-distribution result; None when the checkpoint has no training feature statistics."""
+    return getattr(encoded, "ood", None)
+
+
+def slide_flagged(encoded: Any) -> bool:
+    """Whether an encoded slide was found unlike the checkpoint's training slides."""
+    ood = slide_ood(encoded)
+    return bool(ood is not None and ood.flagged)
+
+
+def likeness_text(ood: Any) -> str:
+    """The facts-table text of an out-of-distribution result: "no (score 3.7, threshold 1.9)"."""
+    return f"{'no' if ood.flagged else 'yes'} (score {ood.score:.1f}, threshold {ood.threshold:.1f})"
+
+
 def shown_question(question: str, box: tuple[int, int, int, int] | None, slide_name: str | None = None) -> str:
     """The question as the conversation shows it: a region question starts with its level-0 box (and, in a case,
     the slide it is on)."""
@@ -265,14 +281,13 @@ class ChatService:
             session.heatmap, session.transcript = None, []
             n = int(encoded.features.features.shape[0])
             session.info = _slide_facts(name, tiled.info, tiled.level0, mpp, tiled.tissue, n, encoded.sha256)
-            ood = getattr(encoded, "ood", None)  # None: the checkpoint has no training feature statistics
+            ood = slide_ood(encoded)
             if ood is not None:
-                session.info["like training slides"] = (f"{'no' if ood.flagged else 'yes'} (score {ood.score:.1f}, "
-                                                        f"threshold {ood.threshold:.1f})")
+                session.info["like training slides"] = likeness_text(ood)
             session.touch()
             return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,
                                 seconds=time.perf_counter() - t0,
-                                notice=ood.message if ood is not None and ood.flagged else None)
+                                notice=ood.message if slide_flagged(encoded) else None)
 
     def open_case(self, session: SlideSession, paths: list[str | Path], *, names: list[str] | None = None,
                   mpp: float | None = None, progress: ProgressFn | None = None) -> SlideSummary:
@@ -318,11 +333,10 @@ class ChatService:
             session.info = {"case": f"{len(members)} slides, {n} tissue patches"}
             notices = []
             for m in members:
-                ood = getattr(m.encoded, "ood", None)  # None: the checkpoint has no training feature statistics
-                like = "" if ood is None else (f"; like training slides: {'no' if ood.flagged else 'yes'} "
-                                               f"(score {ood.score:.1f}, threshold {ood.threshold:.1f})")
+                ood = slide_ood(m.encoded)
+                like = "" if ood is None else f"; like training slides: {likeness_text(ood)}"
                 session.info[m.name] = f"{m.encoded.num_patches} patches{like}"
-                if ood is not None and ood.flagged:
+                if slide_flagged(m.encoded):
                     notices.append(f"{m.name}: {ood.message}")
             session.touch()
             return SlideSummary(facts=session.info, num_patches=n, cached="encoding" not in stages_seen,

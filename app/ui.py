@@ -22,7 +22,7 @@ from slidechat.inference.region import parse_region
 
 from slidechat.app.config import AppConfig
 from slidechat.app.service import (STAGE_LABELS, STAGE_UNITS, SUGGESTED_QUESTIONS, ChatService, shown_question,
-                                   user_message)
+                                   slide_flagged, user_message)
 from slidechat.app.session import SlideSession
 from slidechat.app import export
 
@@ -127,12 +127,6 @@ def _evidence_panel(session: SlideSession, mpp: float | None) -> str:
     if session.evidence_error and session.transcript:
         return f'<div class="sc-evidence-note">⚠ Evidence unavailable: {html.escape(session.evidence_error)}</div>'
     return ""
-
-
-def _flagged(encoded: Any) -> bool:
-    """Whether an encoded slide's out-of-distribution check flagged it (False without a check)."""
-    ood = getattr(encoded, "ood", None)
-    return bool(ood is not None and ood.flagged)
 
 
 def _session(service: ChatService, request: gr.Request | None) -> SlideSession:
@@ -335,8 +329,8 @@ class Handlers:
             log.exception("conversation export failed")
             conv_path = gr.skip()
         status = _status("ok", text)
-        unlike = [m.name for m in session.case if _flagged(m.encoded)] if session.case else (
-            ["This slide"] if _flagged(session.slide) else [])
+        unlike = [m.name for m in session.case if slide_flagged(m.encoded)] if session.case else (
+            ["This slide"] if slide_flagged(session.slide) else [])
         if unlike:  # the answer is read next to the reminder, not only after opening the slide
             status += _status("warn", f"{' and '.join(unlike)} {'is' if len(unlike) == 1 else 'are'} unlike the "
                                       "slides this model was trained on: read this answer with care.")
