@@ -40,6 +40,11 @@ def grounding_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | N
     return torch.stack(losses).mean() if losses else None
 
 
+def _inside(t: torch.Tensor) -> torch.Tensor:
+    """Patches at least half inside the annotation (its best-covered patches when none is)."""
+    return t >= min(0.5, float(t.max()))
+
+
 def peak_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | None],
               margin: float = 1.5) -> torch.Tensor | None:
     """Mean of ``relu(log(max outside) - log(max inside) + log(margin))`` over slides with an annotation; inside =
@@ -49,7 +54,7 @@ def peak_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | None],
         if t is None or float(t.max()) <= 0:
             continue
         t = t.to(rel.device, rel.dtype)
-        inside, outside = t >= min(0.5, float(t.max())), t <= 0
+        inside, outside = _inside(t), t <= 0
         if not bool(outside.any()):
             continue
         p = rel / rel.sum().clamp_min(1e-12)
@@ -60,7 +65,7 @@ def peak_loss(relevance: list[torch.Tensor], targets: list[torch.Tensor | None],
 
 def pointing_hits(relevance: list[torch.Tensor], targets: list[torch.Tensor | None]) -> list[bool]:
     """Per slide with an annotation: whether its most relevant patch is at least half inside it."""
-    return [bool(t[int(rel.argmax())] >= min(0.5, float(t.max())))
+    return [bool(_inside(t)[int(rel.argmax())])
             for rel, t in zip(relevance, targets) if t is not None and float(t.max()) > 0]
 
 
