@@ -234,7 +234,6 @@ def schema_report(assistant, slide, schema: ReportSchema, max_new_tokens: int = 
         answers[f.name] = constrained_answer(conv, f.question, f.answer_regex(), limit, grammars)
         values[f.name] = f.parse_answer(answers[f.name])
         history += conv.messages[-2:]
-    schema.derive(values)
     fields = {f.name: values.get(f.name) for f in schema.fields}
     report = Report(fields=fields, raw_answers=answers, slide_id=conv.slide.slide_id, schema=schema)
     if schema.summary_question:

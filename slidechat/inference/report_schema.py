@@ -33,9 +33,9 @@ Types: ``enum`` (one of ``values``), ``list`` (several of ``values``, comma-sepa
 ``number`` (``min``..``max``, ``decimals`` places, ``unit``), ``text`` (one line of at most ``max_length``
 characters). Any field may be null ("not determined"). Fields are asked (or derived) in order, so ``when`` and
 ``derive`` refer to earlier fields; ``when`` + ``otherwise`` keep fields consistent with each other (a tumour
-fraction is only asked, and only above zero, when tumour is among the tissues). ``answer_regex()`` is the pattern the model's answer is
-constrained to (the short answer form the report questions are trained with); ``parse_answer`` reads it back;
-``validate`` checks a whole ``fields`` dict.
+fraction is only asked, and only above zero, when tumour is among the tissues). ``answer_regex()`` is the pattern
+the model's answer is constrained to (the short answer form the report questions are trained with);
+``parse_answer`` reads it back; ``validate`` checks a whole ``fields`` dict.
 
 Templates are found by name in a registry (``register_report_schema``, ``list_report_schemas``,
 ``load_report_schema(name_or_path)``); the shipped ones live in ``slidechat/assets/report_schemas/``.
@@ -58,8 +58,7 @@ FIELD_TYPES = ("enum", "list", "bool", "number", "text")
 MISSING = "not determined"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FIELD_KEYS = {"name", "type", "question", "values", "none_answer", "when", "otherwise", "derive", "min", "max",
-               "decimals",
-               "unit", "max_length", "label", "render", "render_false", "max_items"}
+               "decimals", "unit", "max_length", "label", "render", "render_false", "max_items"}
 _MAX_ENUMERATED_NUMBERS = 5000
 
 
@@ -397,8 +396,9 @@ def _parse_field(raw: Any, i: int, where: str, seen: dict[str, ReportField]) -> 
         if when is None:
             raise _err(at, "'otherwise' is the value when the 'when' field is not yes: it needs 'when'")
         numeric = isinstance(other, (int, float)) and not isinstance(other, bool)
-        probe = ReportField(**{**kw, "min": -float("inf"), "max": float("inf")} if ftype == "number" else kw)
-        if other is not None and (ftype == "number" and not numeric or ftype != "number" and probe.check(other)):
+        # a number's 'otherwise' may lie outside min..max (0 where only 1..100 can be asked)
+        fits = numeric if ftype == "number" else ReportField(**kw).check(other) is None
+        if other is not None and not fits:
             raise _err(at, f"'otherwise: {other!r}' is not a value of this {ftype} field")
         kw["otherwise"] = float(other) if numeric else other
     if derive is not None:
