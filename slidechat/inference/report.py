@@ -227,6 +227,7 @@ def schema_report(assistant, slide, schema: ReportSchema, max_new_tokens: int = 
                 history += [{"role": "user", "content": f.question},
                             {"role": "assistant", "content": f.format_value(f.otherwise)}]
             continue
+        f = f.bounded(values)  # a number inside the range an earlier answer allows (range_by)
         conv.messages = []
         limit = token_budget(f)
         if f.type == "text":

@@ -20,12 +20,18 @@ A template is a YAML (or JSON) file::
       - name: tumor_present
         type: bool
         derive: {field: tissue_types, contains: tumour}   # computed from an earlier field, not asked
+      - name: tumor_fraction_bin
+        type: enum
+        values: [under 10%, 10-30%, over 30%]
+        when: tumor_present                 # a derived field may be the condition too
+        otherwise: none (0%)                # the value when the condition is not yes (default: null)
       - name: tumor_fraction_percent
         type: number
         min: 1                              # asked only when tumour is present, so never 0% beside "tumour"
         max: 100
-        when: tumor_present                 # a derived field may be the condition too
-        otherwise: 0                        # the value when the condition is not yes (default: null)
+        range_by: {field: tumor_fraction_bin, ranges: {under 10%: [1, 10], 10-30%: [10, 30], over 30%: [30, 100]}}
+        when: tumor_present
+        otherwise: 0
     summary:
       question: Write a short pathology report describing this slide.
 
@@ -35,7 +41,8 @@ characters). Any field may be null ("not determined"). Fields are asked (or deri
 ``derive`` refer to earlier fields; ``when`` + ``otherwise`` keep fields consistent with each other (a tumour
 fraction is only asked, and only above zero, when tumour is among the tissues). ``answer_regex()`` is the pattern
 the model's answer is constrained to (the short answer form the report questions are trained with);
-``parse_answer`` reads it back; ``validate`` checks a whole ``fields`` dict.
+``parse_answer`` reads it back; ``validate`` checks a whole ``fields`` dict. ``range_by`` narrows a number to the
+range of an earlier enum field's answer (a percentage asked after its bin stays inside the bin: ``bounded``).
 
 Templates are found by name in a registry (``register_report_schema``, ``list_report_schemas``,
 ``load_report_schema(name_or_path)``); the shipped ones live in ``slidechat/assets/report_schemas/``.
@@ -46,7 +53,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,7 +65,7 @@ FIELD_TYPES = ("enum", "list", "bool", "number", "text")
 MISSING = "not determined"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FIELD_KEYS = {"name", "type", "question", "values", "none_answer", "when", "otherwise", "derive", "min", "max",
-               "decimals", "unit", "max_length", "label", "render", "render_false", "max_items"}
+               "decimals", "unit", "max_length", "label", "render", "render_false", "max_items", "range_by"}
 _MAX_ENUMERATED_NUMBERS = 5000
 
 
@@ -96,6 +103,7 @@ class ReportField:
     label: str = ""
     render: str | None = None
     render_false: str | None = None
+    range_by: dict[str, Any] | None = None  # {field: <enum field>, ranges: {value: (lo, hi)}}
 
     @property
     def asked(self) -> bool:
@@ -104,6 +112,16 @@ class ReportField:
     @property
     def display_label(self) -> str:
         return self.label or self.name.replace("_", " ")
+
+    def bounded(self, values: dict[str, Any]) -> "ReportField":
+        """This field with ``min``/``max`` narrowed by ``range_by`` to the range of the source field's value in
+        ``values`` (itself when it has no such rule or the source has no listed value)."""
+        if self.range_by is None:
+            return self
+        span = self.range_by["ranges"].get(values.get(self.range_by["field"]))
+        if span is None:
+            return self
+        return replace(self, min=float(span[0]), max=float(span[1]), range_by=None)
 
     # ------------------------------------------------------------------ constraint
     def answer_regex(self) -> str:
@@ -266,7 +284,9 @@ class ReportSchema:
                     problems.append(f"{f.name}: set although {f.when} is not yes"
                                     + (f" (it is then {f.otherwise!r})" if f.otherwise is not None else ""))
                 continue
-            why = f.check(value)
+            why = f.bounded(values).check(value)
+            if f.range_by is not None and why and f.check(value) is None:
+                why += f" (the range for {f.range_by['field']} = {values.get(f.range_by['field'])!r})"
             if why:
                 problems.append(f"{f.name}: {why}")
         if "summary" in values and not isinstance(values["summary"], str):
@@ -296,7 +316,7 @@ class ReportSchema:
             if f.type == "bool":
                 p: dict[str, Any] = {"type": ["boolean", "null"]}
             elif f.type == "enum":
-                p = {"enum": [*f.values, None]}
+                p = {"enum": [*f.values, *([f.otherwise] if f.otherwise not in (None, *f.values) else []), None]}
             elif f.type == "list":
                 p = {"type": ["array", "null"], "items": {"enum": list(f.values)}, "uniqueItems": True}
             elif f.type == "number":
@@ -396,8 +416,14 @@ def _parse_field(raw: Any, i: int, where: str, seen: dict[str, ReportField]) -> 
         if when is None:
             raise _err(at, "'otherwise' is the value when the 'when' field is not yes: it needs 'when'")
         numeric = isinstance(other, (int, float)) and not isinstance(other, bool)
-        # a number's 'otherwise' may lie outside min..max (0 where only 1..100 can be asked)
-        fits = numeric if ftype == "number" else ReportField(**kw).check(other) is None
+        # a number's 'otherwise' may lie outside min..max (0 where only 1..100 can be asked), an enum's outside its
+        # values ("none (0%)" where only the bins above zero can be asked)
+        if ftype == "number":
+            fits = numeric
+        elif ftype == "enum":
+            fits = isinstance(other, str) and bool(other.strip())
+        else:
+            fits = ReportField(**kw).check(other) is None
         if other is not None and not fits:
             raise _err(at, f"'otherwise: {other!r}' is not a value of this {ftype} field")
         kw["otherwise"] = float(other) if numeric else other
@@ -415,8 +441,35 @@ def _parse_field(raw: Any, i: int, where: str, seen: dict[str, ReportField]) -> 
         if rules[0] == "greater_than" and src.type != "number":
             raise _err(at, f"'greater_than' needs a number field; {src.name!r} is {src.type}")
         kw["derive"] = dict(derive)
+    if "range_by" in raw:
+        kw["range_by"] = _parse_range_by(raw["range_by"], kw, at, seen)
     f = ReportField(**kw)
     return f
+
+
+def _parse_range_by(rule: Any, kw: dict[str, Any], at: str, seen: dict[str, ReportField]) -> dict[str, Any]:
+    """``range_by: {field: <earlier enum field>, ranges: {value: [lo, hi], ...}}`` of a number field."""
+    if kw["type"] != "number":
+        raise _err(at, "'range_by' is for number fields")
+    if not isinstance(rule, dict) or set(rule) != {"field", "ranges"}:
+        raise _err(at, "'range_by' needs {field: <an earlier enum field>, ranges: {value: [min, max], ...}}")
+    src = seen.get(rule["field"])
+    if src is None or src.type != "enum":
+        raise _err(at, f"'range_by: {rule['field']}' must name an earlier enum field")
+    ranges = rule["ranges"]
+    if not isinstance(ranges, dict) or not ranges:
+        raise _err(at, "'range_by.ranges' maps values of the enum field to [min, max]")
+    out: dict[str, tuple[float, float]] = {}
+    for value, span in ranges.items():
+        if value not in src.values:
+            raise _err(at, f"'range_by.ranges': {value!r} is not one of {list(src.values)} ({src.name!r})")
+        ok = (isinstance(span, list) and len(span) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) == v for v in span))
+        if not ok or not kw["min"] <= span[0] <= span[1] <= kw["max"]:
+            raise _err(at, f"'range_by.ranges.{value}': {span!r} must be [min, max], whole numbers within "
+                           f"{kw['min']:g}..{kw['max']:g}")
+        out[value] = (float(span[0]), float(span[1]))
+    return {"field": src.name, "ranges": out}
 
 
 def parse_report_schema(data: Any, where: str = "<template>") -> ReportSchema:

@@ -115,7 +115,7 @@ def test_heatmap_without_coords_and_for_linear_projector(assistant, tiny_model_c
 def test_report_fields_and_markdown(assistant):
     report = assistant.report(_features(120), max_new_tokens=6, summary_max_new_tokens=8)
     assert set(report.raw_answers) == {"tissue_types", "dominant_tissue", "lesion_present", "lesion_type",
-                                       "lesion_location", "tumor_fraction_percent", "summary"}
+                                       "lesion_location", "tumor_fraction_bin", "tumor_fraction_percent", "summary"}
     assert {"tissue_types", "lesion_present", "tumor_fraction_percent", "summary"} <= set(report.fields)
     assert report.text.startswith("TISSUE TYPES:") and report.to_markdown().startswith("## Slide report: s120")
 

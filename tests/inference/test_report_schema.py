@@ -13,7 +13,7 @@ from slidechat.cli import main
 from slidechat.inference.report_schema import (ReportSchemaError, list_report_schemas, load_report_schema,
                                                parse_report_schema, register_report_schema,
                                                unregister_report_schema)
-from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, QUADRANTS
+from slidechat.synth.classes import DISPLAY_NAMES, LESION_DISPLAY, QUADRANTS, TUMOR_FRACTION_BINS
 from slidechat.utils.io import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -35,6 +35,12 @@ def test_shipped_templates_are_registered_and_synthslide_matches_the_generator()
     from slidechat import prompts
 
     asked = {f.name: f.question for f in s.fields if f.asked}
+    # the tumour-fraction bin is asked as the multiple-choice question the checkpoints are trained on
+    bins = [b[2] for b in TUMOR_FRACTION_BINS[1:]]
+    assert list(s.field("tumor_fraction_bin").values) == bins
+    assert asked.pop("tumor_fraction_bin") == prompts.format_mcq("What fraction of the tissue area is tumour?",
+                                                                 dict(zip("ABC", bins)))
+    assert s.field("tumor_fraction_bin").otherwise == TUMOR_FRACTION_BINS[0][2]
     assert asked == {k: v for k, v in prompts.REPORT_QUESTIONS.items() if k != "summary"}
     assert s.summary_question == prompts.REPORT_QUESTIONS["summary"]
 
@@ -78,8 +84,16 @@ def test_malformed_field_gives_one_clear_error_naming_the_field(change, message)
 def test_otherwise_needs_a_value_of_its_field_and_keeps_fields_consistent():
     fields = [{"name": "tumour", "type": "bool", "question": "Tumour?"},
               {"name": "kind", "type": "enum", "question": "Kind?", "values": ["a", "b"], "when": "tumour"}]
-    with pytest.raises(ReportSchemaError, match="'otherwise: 'c'' is not a value of this enum field"):
-        parse_report_schema({"name": "t", "fields": [fields[0], {**fields[1], "otherwise": "c"}]}, where="t.yaml")
+    with pytest.raises(ReportSchemaError, match="'otherwise: 5' is not a value of this enum field"):
+        parse_report_schema({"name": "t", "fields": [fields[0], {**fields[1], "otherwise": 5}]}, where="t.yaml")
+    with pytest.raises(ReportSchemaError, match="'otherwise: 'no'' is not a value of this bool field"):
+        parse_report_schema({"name": "t", "fields": [fields[0], {"name": "b", "type": "bool", "question": "B?",
+                                                                "when": "tumour", "otherwise": "no"}]})
+    # an enum's 'otherwise' may be a value that cannot be asked ("none" where only kinds are choices)
+    kinds = parse_report_schema({"name": "t", "fields": [fields[0], {**fields[1], "otherwise": "none"}]})
+    assert kinds.validate({"tumour": False, "kind": "none"}) == []
+    assert kinds.validate({"tumour": True, "kind": "none"}) == ["kind: 'none' is not one of ['a', 'b']"]
+    assert kinds.to_json_schema()["properties"]["kind"]["enum"] == ["a", "b", "none", None]
     with pytest.raises(ReportSchemaError, match="is not a value of this number field"):
         parse_report_schema({"name": "t", "fields": [fields[0], {"name": "pct", "type": "number", "question": "%?",
                                                                 "min": 1, "max": 100, "when": "tumour",
@@ -91,12 +105,43 @@ def test_otherwise_needs_a_value_of_its_field_and_keeps_fields_consistent():
                                                       "necrosis_present": False, "summary": "x"}
     s.derive(base)
     assert base["tumor_present"] is False
+    base["tumor_fraction_bin"] = "none (0%)"
     assert s.validate({**base, "tumor_fraction_percent": 0.0}) == []
     assert s.validate({**base, "tumor_fraction_percent": 5.0}) == [
         "tumor_fraction_percent: set although tumor_present is not yes (it is then 0.0)"]
     with_tumour = {**base, "tissue_types": ["fibrous stroma", "tumour"], "tumor_present": True}
-    assert s.validate({**with_tumour, "tumor_fraction_percent": 0.0}) == ["tumor_fraction_percent: 0.0 outside 1..100"]
+    assert s.validate({**with_tumour, "tumor_fraction_percent": 0.0}) == [
+        "tumor_fraction_bin: 'none (0%)' is not one of ['under 10%', '10-30%', 'over 30%']",
+        "tumor_fraction_percent: 0.0 outside 1..100"]
     assert s.to_json_schema()["properties"]["tumor_fraction_percent"]["minimum"] == 0.0
+
+
+def test_range_by_keeps_a_number_inside_the_bin_an_earlier_field_chose():
+    s = load_report_schema()
+    pct = s.field("tumor_fraction_percent")
+    assert pct.range_by["field"] == "tumor_fraction_bin"
+    under = pct.bounded({"tumor_fraction_bin": "under 10%"})
+    assert (under.min, under.max) == (1.0, 10.0)
+    assert re.fullmatch(under.answer_regex(), "7%") and not re.fullmatch(under.answer_regex(), "23%")
+    assert pct.bounded({"tumor_fraction_bin": None}) is pct  # no bin: the field's own 1..100
+    base = {name: None for name in s.field_names} | {"tissue_types": ["tumour"], "dominant_tissue": "tumour",
+                                                      "lesion_present": False, "necrosis_present": False,
+                                                      "summary": "x"}
+    s.derive(base)
+    ok = {**base, "tumor_fraction_bin": "10-30%", "tumor_fraction_percent": 23.0}
+    assert s.validate(ok) == []
+    assert s.validate({**ok, "tumor_fraction_bin": "under 10%"}) == [
+        "tumor_fraction_percent: 23.0 outside 1..10 (the range for tumor_fraction_bin = 'under 10%')"]
+    number = {"name": "pct", "type": "number", "question": "%?", "min": 0, "max": 100}
+    enum = {"name": "bin", "type": "enum", "question": "Bin?", "values": ["low", "high"]}
+    for rule, problem in [({"field": "bin"}, "needs {field"),
+                          ({"field": "nope", "ranges": {"low": [0, 5]}}, "must name an earlier enum field"),
+                          ({"field": "bin", "ranges": {"mid": [0, 5]}}, "'mid' is not one of"),
+                          ({"field": "bin", "ranges": {"low": [5, 200]}}, "within 0..100")]:
+        with pytest.raises(ReportSchemaError, match=re.escape(problem)):
+            parse_report_schema({"name": "t", "fields": [enum, {**number, "range_by": rule}]})
+    with pytest.raises(ReportSchemaError, match="'range_by' is for number fields"):
+        parse_report_schema({"name": "t", "fields": [enum, {**enum, "name": "b2", "range_by": {"field": "bin"}}]})
 
 
 def test_malformed_documents(tmp_path):
