@@ -129,14 +129,16 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def write_feature_stats(model_dir: str | Path, features_dir: str | Path, **kwargs) -> Path | None:
+def write_feature_stats(model_dir: str | Path, features_dir: str | Path | list, **kwargs) -> Path | None:
     """Write the training features' statistics (``feature_stats.*``) into the model folder ``model_dir``.
 
-    ``features_dir`` holds the training slides' feature files; ``kwargs`` go to ``compute_feature_stats``.
-    Too few or unreadable feature files leave the folder without statistics (a warning, not a failed run)."""
+    ``features_dir`` (a folder or a list of them) holds the training slides' feature files; ``kwargs`` go to
+    ``compute_feature_stats``. Too few or unreadable feature files leave the folder without statistics (a warning,
+    not a failed run)."""
     from slidechat.model.feature_stats import stats_from_feature_files
+    from slidechat.training.data import feature_dirs
 
-    files = sorted(p for p in Path(features_dir).glob("*") if p.suffix.lower() in FEATURE_SUFFIXES)
+    files = sorted(p for d in feature_dirs(features_dir) for p in d.glob("*") if p.suffix.lower() in FEATURE_SUFFIXES)
     try:
         stats = stats_from_feature_files(files, **kwargs)
     except SlideChatError as exc:

@@ -20,7 +20,7 @@ import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -237,22 +237,30 @@ def split_turns(sample: TrainSample) -> list[TrainSample]:
 
 
 class FeatureResolver:
-    """Finds a slide's feature file by stem in a folder (``.h5`` preferred over SlideChat ``.csv``)."""
+    """Finds a slide's feature file by stem in one folder or several (``.h5`` preferred over SlideChat ``.csv``;
+    with several folders, a stem in an earlier folder wins)."""
 
     SUFFIXES = (".h5", ".hdf5", ".csv")
 
-    def __init__(self, features_dir: str | Path) -> None:
-        self.root = Path(features_dir)
-        if not self.root.is_dir():
-            raise DataError(f"features folder {self.root} not found; run `slidechat extract` first")
+    def __init__(self, features_dir: str | Path | Sequence[str | Path]) -> None:
+        self.roots = feature_dirs(features_dir)
         index: dict[str, Path] = {}
-        for suffix in reversed(self.SUFFIXES):  # later (preferred) suffixes overwrite earlier ones
-            for p in self.root.rglob(f"*{suffix}"):
-                index[p.name[: -len(suffix)]] = p
+        for root in reversed(self.roots):
+            if not root.is_dir():
+                raise DataError(f"features folder {root} not found; run `slidechat extract` first")
+            for suffix in reversed(self.SUFFIXES):  # later (preferred) suffixes overwrite earlier ones
+                for p in root.rglob(f"*{suffix}"):
+                    index[p.name[: -len(suffix)]] = p
         self.index = index
 
     def resolve(self, key: str) -> Path | None:
         return self.index.get(key)
+
+
+def feature_dirs(features_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    """A recipe's ``features_dir`` (one folder or a list) as a list of paths."""
+    dirs = [features_dir] if isinstance(features_dir, (str, Path)) else list(features_dir)
+    return [Path(d) for d in dirs]
 
 
 def default_feature_loader(path: Path):

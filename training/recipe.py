@@ -42,7 +42,7 @@ class DataSource:
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
-    features_dir: str = ""
+    features_dir: str | list[str] = ""  # a folder of feature files, or a list of folders (an earlier one wins)
     max_length: int = 1024          # tokens including the slide tokens
     max_patches: int | None = None  # random subset of patches per sample (None = all)
     multi_turn: bool = True         # False: split each conversation into single-turn samples

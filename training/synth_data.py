@@ -152,7 +152,7 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
 
     Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
-    with ``reasoned`` each slide's finding first, then "The answer is B: Slide 2." -- ``reasoned_case_answer``),
+    with ``reasoned`` each slide's finding first, then "So the answer is Slide 2 (B)." -- ``reasoned_case_answer``),
     the case's own conversation in sentences (which slide shows the lesion, tumour in any slide, necrosis count),
     and, so that single-slide answers are not forgotten, ``replay_mcq_rounds`` rounds of every slide's own questions
     (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``), of

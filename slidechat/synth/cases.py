@@ -98,8 +98,9 @@ def case_closed_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
 
 
 def slide_findings(truth: dict, narrow: str) -> str:
-    """Each slide's own finding behind a case question (``narrow``: its category), in slide order: the step from
-    the slides to the case answer, e.g. "Slide 1: no focal lesion; Slide 2: necrotic focus"."""
+    """Each slide's own finding behind a case question (``narrow``: its category), in slide order, then what they
+    add up to: the step from the slides to the case answer, e.g. "Slide 1: no focal lesion; Slide 2: necrotic
+    focus" or "Slide 1: necrosis; Slide 2: no necrosis; Slide 3: necrosis; necrosis in 2 slides"."""
     names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
     if narrow == "Lesion slide":
         found = [t or "no focal lesion" for t in truth["lesion_types"]]
@@ -109,15 +110,20 @@ def slide_findings(truth: dict, narrow: str) -> str:
         found = ["necrosis" if i in truth["necrosis_slides"] else "no necrosis" for i in range(len(names))]
     else:
         raise ValueError(f"unknown case question category {narrow!r}")
-    return "; ".join(f"{n}: {f}" for n, f in zip(names, found))
+    steps = [f"{n}: {f}" for n, f in zip(names, found)]
+    if narrow == "Necrosis count":
+        k = len(truth["necrosis_slides"])
+        steps.append(f"necrosis in {k} slide{'s' if k != 1 else ''}")
+    return "; ".join(steps)
 
 
 def reasoned_case_answer(truth: dict, question: dict) -> str:
-    """The answer to a case multiple-choice ``question``: each slide's finding, then the choice, stated so the
-    closed-VQA parser reads it ("... The answer is B: Slide 2.")."""
+    """The answer to a case multiple-choice ``question``: each slide's finding, then the chosen option's text and
+    its letter ("... So the answer is Slide 2 (B)."). The text comes first because it follows from the findings;
+    the letter is then a look-up in the options, as in single-slide answers ("option (letter)")."""
     letter = question["answer"]
     option = question["options"]["ABCD".index(letter)]
-    return f"{slide_findings(truth, question['narrow'])}. The answer is {letter}: {option}."
+    return f"{slide_findings(truth, question['narrow'])}. So the answer is {option} ({letter})."
 
 
 def _lesion_slide_sentence(truth: dict) -> str:

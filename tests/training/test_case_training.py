@@ -64,7 +64,7 @@ def test_reasoned_case_answers_name_each_slide_and_parse_to_the_right_letter(cas
         truth = truths[r["id"].split("-mcq")[0]]
         assert answer.count("Slide ") >= len(truth["slide_ids"])  # every slide's finding before the choice
         letter = parse_choice(answer, options)
-        assert letter is not None and answer.endswith(f"The answer is {letter}: {options[letter]}.")
+        assert letter is not None and answer.endswith(f"So the answer is {options[letter]} ({letter}).")
 
 
 def test_case_batches_train(case_data, tiny_qformer_chat):
