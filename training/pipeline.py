@@ -116,13 +116,19 @@ def _cases_step(run: _Run) -> None:
             "seed": step.seed, "n_cases": step.n_cases}:
         log.info("[pipeline] cases: %s already complete", run.cases_dir)
         return
-    from slidechat.synth.cases import generate_case_dataset
+    from slidechat.synth.cases import compose_case_dataset, generate_case_dataset
 
     t = time.perf_counter()
-    log.info("[pipeline] cases: %d cases of %d-%d %s slides, seed %d", step.n_cases, step.min_slides,
-             step.max_slides, step.size, step.seed)
-    generate_case_dataset(run.cases_dir, step.n_cases, seed=step.seed, size=step.size, min_slides=step.min_slides,
-                          max_slides=step.max_slides)
+    if step.from_dataset:
+        log.info("[pipeline] cases: %d cases of %d-%d slides of %s, seed %d", step.n_cases, step.min_slides,
+                 step.max_slides, step.from_dataset, step.seed)
+        compose_case_dataset(step.from_dataset, run.cases_dir, step.n_cases, seed=step.seed,
+                             min_slides=step.min_slides, max_slides=step.max_slides)
+    else:
+        log.info("[pipeline] cases: %d cases of %d-%d %s slides, seed %d", step.n_cases, step.min_slides,
+                 step.max_slides, step.size, step.seed)
+        generate_case_dataset(run.cases_dir, step.n_cases, seed=step.seed, size=step.size,
+                              min_slides=step.min_slides, max_slides=step.max_slides)
     run.record("cases", {"n_cases": step.n_cases, "seed": step.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
 
 
@@ -149,6 +155,9 @@ def _extract_step(run: _Run) -> None:
     encoder = load_encoder("demo-cnn", weights=str(run.cnn) if run.cnn else None)
     run.embed_dim = int(encoder.embed_dim)
     folders = [d / "slides" for d in (run.synth_dir, run.cases_dir) if (d / "slides").is_dir()]
+    if not folders:  # cases composed of an earlier dataset's slides: their features exist already
+        log.info("[pipeline] extract: no new slides")
+        return
     summary = extract_many([str(d) for d in folders], encoder, run.features_dir, run.recipe.extract)
     if summary.written or "extract" not in run.summary["steps"]:  # a resume that only skipped keeps the first timing
         run.record("extract", {"wall_time_s": round(time.perf_counter() - t, 1), "summary": _plain(summary)})

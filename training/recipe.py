@@ -105,6 +105,7 @@ class CaseSynthStep:
     size: str = "tiny"
     min_slides: int = 2
     max_slides: int = 4
+    from_dataset: str | None = None  # compose the cases of this SynthSlide folder's slides (no new slides)
 
 
 @dataclass

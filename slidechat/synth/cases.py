@@ -251,6 +251,42 @@ def generate_case_dataset(out_dir: str | os.PathLike, n_cases: int, seed: int = 
     return cases
 
 
-__all__ = ["generate_case_dataset", "plan_cases", "case_truth", "case_closed_questions", "case_conversation",
+def compose_case_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLike, n_cases: int, seed: int = 0, *,
+                         min_slides: int = 2, max_slides: int = 4) -> list[dict]:
+    """Cases drawn from the slides of an existing SynthSlide folder (``slidechat synth``), no new slides: each case
+    takes 2-4 of them, at most one with a focal lesion (none in about one case in five), so many distinct cases
+    come from one set of slides and their features. Writes the case products (``cases.csv`` with paths to the
+    source slides, ``case_truth.jsonl``, ...) and ``dataset.json`` to ``out_dir``; returns the cases."""
+    from slidechat.utils.io import read_jsonl
+
+    source, out = Path(source_dir), Path(out_dir)
+    truth_path = source / "truth.jsonl"
+    if not truth_path.is_file():
+        raise ConfigError(f"{source}: no truth.jsonl; compose cases from a folder written by `slidechat synth`")
+    records = read_jsonl(truth_path)
+    with_lesion = [r for r in records if r["lesion"] is not None]
+    without = [r for r in records if r["lesion"] is None]
+    if len(without) < max_slides or not with_lesion:
+        raise ConfigError(f"{source}: composing cases needs slides with a lesion and at least {max_slides} without "
+                          f"(has {len(with_lesion)} and {len(without)})")
+    rng = np.random.default_rng([seed, 9090])
+    cases = []
+    for c, plan in enumerate(plan_cases(n_cases, seed, min_slides, max_slides)):
+        picked = [without[i] for i in rng.choice(len(without), plan["n_slides"], replace=False)]
+        if plan["lesion_slide"] is not None:
+            picked[plan["lesion_slide"]] = with_lesion[int(rng.integers(len(with_lesion)))]
+        block = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[c % 26]
+        cases.append({"case_id": f"case-{seed}-{c:04d}", "slide_ids": [r["slide_id"] for r in picked],
+                      "labels": [f"{block}{j + 1} H&E" for j in range(len(picked))]})
+    out.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(source, out)
+    by_id = {r["slide_id"]: {**r, "path": f"{rel}/{r['path']}"} for r in records}
+    write_case_products(out, cases, by_id, seed)
+    write_json_atomic(out / "dataset.json", {"generator": "slidechat.synth.cases.compose_case_dataset",
+                                             "source": str(source), "seed": seed, "n_cases": n_cases})
+    return cases
+
+
+__all__ = ["generate_case_dataset", "compose_case_dataset", "plan_cases", "case_truth", "case_closed_questions", "case_conversation",
            "slide_findings", "reasoned_case_answer",
            "case_report", "write_case_products", "slide_name", "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]

@@ -11,7 +11,7 @@ from slidechat.errors import ConfigError
 from slidechat.evaluation.benchmark_data import case_slides, load_benchmark
 from slidechat.evaluation.slidebench import load_closed_vqa
 from slidechat.inference.case import read_cases_csv
-from slidechat.synth.cases import NO_LESION_SLIDE, generate_case_dataset, plan_cases
+from slidechat.synth.cases import NO_LESION_SLIDE, compose_case_dataset, generate_case_dataset, plan_cases
 from slidechat.training.data import SkipCounter, load_samples
 from slidechat.utils.io import read_jsonl
 
@@ -59,6 +59,27 @@ def test_case_files_agree_with_the_slide_truth(case_folder):
     reports = read_jsonl(case_folder / "case_reports.jsonl")
     assert [r["case_id"] for r in reports] == [c.case_id for c in cases]
     assert all(r["report_text"].count("SLIDE ") == r["report"]["n_slides"] for r in reports)
+
+
+def test_cases_composed_of_an_existing_dataset_reuse_its_slides(case_folder, tmp_path):
+    truth = {r["slide_id"]: r for r in read_jsonl(case_folder / "truth.jsonl")}
+    out = tmp_path / "composed"
+    cases = compose_case_dataset(case_folder, out, 12, seed=5, min_slides=2, max_slides=3)
+    assert cases == compose_case_dataset(case_folder, tmp_path / "again", 12, seed=5, min_slides=2, max_slides=3)
+    assert not (out / "slides").exists()  # no new slides: the source's are named
+    read = read_cases_csv(out / "cases.csv")
+    assert [c.case_id for c in read] == [c["case_id"] for c in cases]
+    for case in read:
+        assert 2 <= len(case.slides) <= 3 and all(p.is_file() for p in case.slides)
+        ids = [p.stem for p in case.slides]
+        assert len(set(ids)) == len(ids) and sum(truth[s]["lesion"] is not None for s in ids) <= 1
+    lesion_slides = [t["lesion_slides"] for t in read_jsonl(out / "case_truth.jsonl")]
+    assert any(ls for ls in lesion_slides) and any(not ls for ls in lesion_slides)
+    assert len(load_closed_vqa(out / "case_closed_vqa.csv")) == 12 * 3
+    with pytest.raises(ConfigError, match="no truth.jsonl"):
+        compose_case_dataset(tmp_path, tmp_path / "x", 2)
+    with pytest.raises(ConfigError, match="at least 9 without"):
+        compose_case_dataset(case_folder, tmp_path / "y", 2, max_slides=9)
 
 
 def test_case_conversations_train_and_case_rows_evaluate(case_folder):

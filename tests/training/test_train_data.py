@@ -74,6 +74,19 @@ def test_slide_key_and_llava_conversion():
     assert "<image>" not in s.messages[0]["content"] and s.messages[0]["content"] == "Describe."
 
 
+def test_features_from_several_folders_an_earlier_one_wins(tmp_path, feats_dir):
+    other = tmp_path / "other"
+    rng = np.random.default_rng(1)
+    for stem, n in (("slideA", 3), ("slideZ", 4)):  # slideA is in feats_dir too
+        write_features_h5(other / f"{stem}.h5", rng.normal(size=(n, 8)).astype(np.float32),
+                          np.zeros((n, 2), np.int64), {"patch_size": 224, "patch_size_level0": 224})
+    both = FeatureResolver([feats_dir, other])
+    assert both.resolve("slideZ") == other / "slideZ.h5" and both.resolve("slideA").parent == feats_dir
+    assert FeatureResolver([other, feats_dir]).resolve("slideA") == other / "slideA.h5"
+    with pytest.raises(DataError, match="missing"):
+        FeatureResolver([feats_dir, tmp_path / "missing"])
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path, feats_dir):
     path = tmp_path / "instr.json"
     path.write_text(json.dumps(slidechat_records()))
