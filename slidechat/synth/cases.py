@@ -98,29 +98,32 @@ def case_closed_questions(truth: dict, rng: np.random.Generator) -> list[dict]:
 
 
 def slide_findings(truth: dict, narrow: str) -> str:
-    """Each slide's own finding behind a case question (``narrow``: its category), in slide order, then what they
-    add up to: the step from the slides to the case answer, e.g. "Slide 1: no focal lesion; Slide 2: necrotic
-    focus" or "Slide 1: necrosis; Slide 2: no necrosis; Slide 3: necrosis; necrosis in 2 slides"."""
+    """Each slide's own finding behind a case question (``narrow``: its category), in slide order, each followed by
+    the answer so far, so that every step needs only the slide at hand and the step before: "Slide 1: no focal
+    lesion -> none so far; Slide 2: necrotic focus -> Slide 2; Slide 3: no focal lesion -> Slide 2", "Slide 1:
+    necrosis -> 1; Slide 2: no necrosis -> 1" or "Slide 1: no tumour -> no; Slide 2: tumour -> yes"."""
     names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
-    if narrow == "Lesion slide":
-        found = [t or "no focal lesion" for t in truth["lesion_types"]]
-    elif narrow == "Tumour in any slide":
-        found = ["tumour" if i in truth["tumor_slides"] else "no tumour" for i in range(len(names))]
-    elif narrow == "Necrosis count":
-        found = ["necrosis" if i in truth["necrosis_slides"] else "no necrosis" for i in range(len(names))]
-    else:
-        raise ValueError(f"unknown case question category {narrow!r}")
-    steps = [f"{n}: {f}" for n, f in zip(names, found)]
-    if narrow == "Necrosis count":
-        k = len(truth["necrosis_slides"])
-        steps.append(f"necrosis in {k} slide{'s' if k != 1 else ''}")
+    steps, state = [], None
+    for i, name in enumerate(names):
+        if narrow == "Lesion slide":
+            found = truth["lesion_types"][i] or "no focal lesion"
+            state = name if i in truth["lesion_slides"] else (state or "none so far")
+        elif narrow == "Tumour in any slide":
+            found = "tumour" if i in truth["tumor_slides"] else "no tumour"
+            state = "yes" if i in truth["tumor_slides"] or state == "yes" else "no"
+        elif narrow == "Necrosis count":
+            found = "necrosis" if i in truth["necrosis_slides"] else "no necrosis"
+            state = str(sum(j <= i for j in truth["necrosis_slides"]))
+        else:
+            raise ValueError(f"unknown case question category {narrow!r}")
+        steps.append(f"{name}: {found} -> {state}")
     return "; ".join(steps)
 
 
 def reasoned_case_answer(truth: dict, question: dict) -> str:
-    """The answer to a case multiple-choice ``question``: each slide's finding, then the chosen option's text and
-    its letter ("... So the answer is Slide 2 (B)."). The text comes first because it follows from the findings;
-    the letter is then a look-up in the options, as in single-slide answers ("option (letter)")."""
+    """The answer to a case multiple-choice ``question``: each slide's finding with the answer so far, then the
+    chosen option's text and its letter ("... So the answer is Slide 2 (B)."). The text comes first because it
+    follows from the last step; the letter is then a look-up in the options, as in single-slide answers."""
     letter = question["answer"]
     option = question["options"]["ABCD".index(letter)]
     return f"{slide_findings(truth, question['narrow'])}. So the answer is {option} ({letter})."
