@@ -121,7 +121,7 @@ class EvaluateStep:
     tasks: list[str] = field(default_factory=lambda: ["closed_vqa", "grounding"])
     limit: int | None = None                # at most this many items per task (smoke runs)
     cases: int = 0                          # > 0: also a fresh case set of this many cases (case closed VQA)
-    case_max_new_tokens: int = 96           # case answers state each slide's finding before the choice
+    case_max_new_tokens: int = 128          # case answers state each slide's finding and the answer so far
 
 
 @dataclass
