@@ -112,8 +112,9 @@ def _synth_step(run: _Run) -> None:
 def _cases_step(run: _Run) -> None:
     step = run.recipe.cases
     marker = run.cases_dir / "dataset.json"
-    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("seed", "n_cases")} == {
-            "seed": step.seed, "n_cases": step.n_cases}:
+    source = str(Path(step.from_dataset)) if step.from_dataset else None  # composed cases name their source folder
+    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("seed", "n_cases", "source")} == {
+            "seed": step.seed, "n_cases": step.n_cases, "source": source}:
         log.info("[pipeline] cases: %s already complete", run.cases_dir)
         return
     from slidechat.synth.cases import compose_case_dataset, generate_case_dataset

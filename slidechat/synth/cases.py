@@ -42,6 +42,16 @@ def slide_name(index: int, label: str | None) -> str:
     return prompts.slide_name(index + 1, label)
 
 
+def case_id(seed: int, index: int) -> str:
+    return f"case-{seed}-{index:04d}"
+
+
+def case_labels(index: int, n_slides: int) -> list[str]:
+    """The labels of the ``index``-th case's slides, as a block and level would name them: ``A1 H&E``, ``A2 H&E``."""
+    block = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[index % 26]
+    return [f"{block}{j + 1} H&E" for j in range(n_slides)]
+
+
 def plan_cases(n_cases: int, seed: int, min_slides: int = 2, max_slides: int = 4) -> list[dict]:
     """Per case: its slide count and which slide (0-based, or None) carries the lesion; deterministic in ``seed``."""
     if not 1 <= min_slides <= max_slides:
@@ -232,19 +242,17 @@ def generate_case_dataset(out_dir: str | os.PathLike, n_cases: int, seed: int = 
     cases: list[dict] = []
     quad_rng = np.random.default_rng([seed, 556])
     for c, plan in enumerate(plans):
-        block = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[c % 26]
-        ids, labels = [], []
+        ids = []
         for j in range(plan["n_slides"]):
             has_lesion = plan["lesion_slide"] == j
             rec = generate_slide(out, seed, len(records), size, quadrant=QUADRANTS[int(quad_rng.integers(4))],
                                  lesion_probability=1.0 if has_lesion else 0.0, workers=workers)
-            rec["case_id"] = f"case-{seed}-{c:04d}"
+            rec["case_id"] = case_id(seed, c)
             records.append(rec)
             ids.append(rec["slide_id"])
-            labels.append(f"{block}{j + 1} H&E")
             if progress is not None:
                 progress(len(records), total)
-        cases.append({"case_id": f"case-{seed}-{c:04d}", "slide_ids": ids, "labels": labels})
+        cases.append({"case_id": case_id(seed, c), "slide_ids": ids, "labels": case_labels(c, len(ids))})
     write_text_products(out, records, seed)
     write_case_products(out, cases, {r["slide_id"]: r for r in records}, seed)
     write_json_atomic(out / "dataset.json", {
@@ -278,9 +286,8 @@ def compose_case_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLi
         picked = [without[i] for i in rng.choice(len(without), plan["n_slides"], replace=False)]
         if plan["lesion_slide"] is not None:
             picked[plan["lesion_slide"]] = with_lesion[int(rng.integers(len(with_lesion)))]
-        block = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[c % 26]
-        cases.append({"case_id": f"case-{seed}-{c:04d}", "slide_ids": [r["slide_id"] for r in picked],
-                      "labels": [f"{block}{j + 1} H&E" for j in range(len(picked))]})
+        cases.append({"case_id": case_id(seed, c), "slide_ids": [r["slide_id"] for r in picked],
+                      "labels": case_labels(c, len(picked))})
     out.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(source, out)
     by_id = {r["slide_id"]: {**r, "path": f"{rel}/{r['path']}"} for r in records}
@@ -290,6 +297,6 @@ def compose_case_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLi
     return cases
 
 
-__all__ = ["generate_case_dataset", "compose_case_dataset", "plan_cases", "case_truth", "case_closed_questions", "case_conversation",
-           "slide_findings", "reasoned_case_answer",
+__all__ = ["generate_case_dataset", "compose_case_dataset", "plan_cases", "case_truth", "case_closed_questions",
+           "case_conversation", "slide_findings", "reasoned_case_answer",
            "case_report", "write_case_products", "slide_name", "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]
