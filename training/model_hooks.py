@@ -64,6 +64,9 @@ def configure_trainable(model, recipe: StageRecipe) -> None:
         raise ConfigError(f"train.train_modules {sorted(unknown)}: choose from {list(TRAINABLE_MODULES)}")
     for name in TRAINABLE_MODULES:
         getattr(model, name).requires_grad_(name in wanted)
+    readout = getattr(model.projector, "patch_readout", None)
+    if readout is not None:  # fit to the patches' measured classes: the language-model loss must not move it
+        readout.requires_grad_(False)
     mode = llm_mode(recipe)
     for n, p in model.llm.named_parameters():
         p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in n))

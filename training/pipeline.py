@@ -6,6 +6,8 @@ Steps, each skipped when its output is already complete (so ``--resume`` after a
 2. ``patch_cnn``: the demo CNN trained on the label maps -> ``<out>/patch_cnn.safetensors``;
 3. ``extract``: features of every slide -> ``<out>/features/<slide>.h5`` (resumes slide by slide);
 4. data: ``<out>/data/instructions.json`` (MCQ + report questions + open questions) and grounding targets;
+4b. ``slide_pretrain`` / ``patch_readout``: the slide side taught the SynthSlide truth without the LLM; the
+   readout (on the pre-trained slide side, or on the ``init_from`` checkpoint) reads concepts from patch classes;
 5. ``stages``: stage recipes in order, each starting from the previous stage's ``final/`` checkpoint (with the
    statistics of its training features, ``feature_stats.*``, for the out-of-distribution warning);
 6. ``export``: the last checkpoint copied to ``export`` (and the CNN to ``slidechat/assets/demo_cnn.safetensors``);
@@ -198,6 +200,41 @@ def _slide_pretrain_step(run: _Run) -> None:
     run.record("slide_pretrain", m)
 
 
+def _patch_readout_step(run: _Run) -> None:
+    cfg = run.recipe.patch_readout
+    src = Path(cfg.init_from) if cfg.init_from else run.prev_final
+    if src is None:
+        raise ConfigError("patch_readout needs init_from (a checkpoint) or a slide_pretrain step before it")
+    out = run.out / "readout"
+    if run.resume and (out / "final" / "config.json").is_file() and (out / "metrics.json").is_file():
+        log.info("[pipeline] patch readout: already done (%s)", out / "final")
+    else:
+        from slidechat.model.assistant import SlideAssistant
+        from slidechat.training.patch_readout import train_patch_readout
+
+        log.info("[pipeline] patch readout: %s on %s", sorted(cfg.read), src)
+        model = SlideAssistant.from_pretrained(src)
+        if cfg.val_seed is not None and not cfg.val_synth_dir:
+            cfg = _fresh_validation_set(model, run.out / f"val-seed{cfg.val_seed}", cfg)
+        run.record("patch_readout", train_patch_readout(model, cfg, cfg.synth_dir or run.synth_dir,
+                                                        cfg.features_dir or run.features_dir, out))
+    run.prev_final = out / "final"
+
+
+def _fresh_validation_set(model, val_dir: Path, cfg):
+    """``cfg.val_n`` SynthSlides of ``cfg.val_seed`` and their features (the checkpoint's own patch encoder)."""
+    from slidechat.features.extract import extract_many
+    from slidechat.inference.encode import load_patch_encoder
+    from slidechat.synth import generate_dataset
+
+    if not (val_dir / "dataset.json").exists():
+        generate_dataset(val_dir, cfg.val_n, seed=cfg.val_seed, size="tiny")
+    ref = model.config.patch_encoder
+    extract_many([str(val_dir / "slides")], load_patch_encoder(model), val_dir / "features",
+                 ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, num_workers=0))
+    return dataclasses.replace(cfg, val_synth_dir=str(val_dir), val_features_dir=str(val_dir / "features"))
+
+
 STAGE_SUMMARY_KEYS = ("steps", "first_loss", "final_loss", "wall_time_s", "tokens_per_s", "train_samples", "skipped",
                       "fixed_batches_loss_before", "fixed_batches_loss_after")
 
@@ -305,6 +342,8 @@ def run_pipeline(recipe: PipelineRecipe, *, resume: bool = False) -> dict:
         _data_step(run)
     if recipe.slide_pretrain is not None and recipe.stages:
         _slide_pretrain_step(run)
+    if recipe.patch_readout is not None:
+        _patch_readout_step(run)
     _stage_steps(run)
     if recipe.export and run.prev_final is not None:
         export_checkpoint(run.prev_final, Path(recipe.export), run.cnn)

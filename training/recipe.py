@@ -19,6 +19,7 @@ from slidechat.errors import ConfigError
 from slidechat.utils.config import config_from_dict, config_to_dict
 from slidechat.slide.config import ExtractionConfig
 from slidechat.training.patch_cnn import PatchCNNTrainConfig
+from slidechat.training.patch_readout import PatchReadoutConfig
 from slidechat.training.slide_pretrain import SlidePretrainConfig
 from slidechat.training.trainer import TrainerSettings
 
@@ -135,6 +136,7 @@ class PipelineRecipe:
     extract: ExtractionConfig | None = None
     stages: list[StageRecipe] = field(default_factory=list)
     slide_pretrain: SlidePretrainConfig | None = None  # before stage 1
+    patch_readout: PatchReadoutConfig | None = None    # concepts read from patch classes (after slide pre-training)
     demo_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_demo_instructions options
     cases: CaseSynthStep | None = None
     case_data: dict[str, Any] = field(default_factory=dict)  # training.synth_data.build_case_instructions options

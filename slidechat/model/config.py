@@ -79,6 +79,10 @@ class QFormerConfig(ConfigMixin):
     # Each concept gets one extra LLM token = the softmax(head(queries))-weighted mix of its words' input embeddings
     # (first token of each word), placed before the K query tokens. Heads are trained on structured labels.
     concepts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Patch classes (optional): a linear head on the slide encoder's patch tokens gives every patch these classes'
+    # probabilities; a concept with ``read: patch_share`` / ``patch_presence`` is read from their area-weighted sums
+    # (``slidechat.model.patch_readout``) instead of from the queries.
+    patch_classes: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -88,6 +92,9 @@ class QFormerConfig(ConfigMixin):
         for c in self.concepts:
             if not isinstance(c, dict) or not c.get("name") or len(c.get("words") or []) < 2:
                 raise ConfigError(f"qformer concept {c!r}: needs a name and at least two words")
+        from slidechat.model.patch_readout import check_patch_concepts
+
+        check_patch_concepts(self.concepts, self.patch_classes)
 
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from slidechat.errors import ConfigError
 from slidechat.model.config import QFormerConfig
+from slidechat.model.patch_readout import PatchClassReadout, patch_read_concepts
 from slidechat.model.projector import (ProjectorOutput, SlideProjector, register_projector,
                                         spread_to_patches)
 from slidechat.model.slide_encoder import pad_and_stack
@@ -218,9 +219,29 @@ class QFormerProjector(SlideProjector):
         self.qformer = QFormerModel(config)
         self.language_projection = nn.Linear(config.hidden_size, llm_hidden_size)
         self._init_weights()
-        self.concept_norm = nn.LayerNorm(config.num_query_tokens * config.hidden_size) if config.concepts else None
+        query_read = [c for c in config.concepts if not c.get("read")]
+        self.concept_norm = nn.LayerNorm(config.num_query_tokens * config.hidden_size) if query_read else None
         self.concept_heads = nn.ModuleDict({
-            c["name"]: nn.Linear(config.num_query_tokens * config.hidden_size, len(c["words"])) for c in config.concepts})
+            c["name"]: nn.Linear(config.num_query_tokens * config.hidden_size, len(c["words"])) for c in query_read})
+        self.patch_readout = (PatchClassReadout(config.encoder_hidden_size, config.patch_classes, config.concepts)
+                              if patch_read_concepts(config.concepts) else None)
+
+    def read_concepts_from_patches(self, patch_classes: Sequence[str], read: dict[str, dict]) -> PatchClassReadout:
+        """Switch the concepts named in ``read`` (name -> ``{"read": ..., "class": ...}``) to the patch-class
+        readout (a new, untrained ``patch_readout``); their query heads are dropped. Updates ``self.config``."""
+        unknown = set(read) - {c["name"] for c in self.config.concepts}
+        if unknown:
+            raise ConfigError(f"no concept named {sorted(unknown)}; concepts: {[c['name'] for c in self.config.concepts]}")
+        concepts = [{**c, **read[c["name"]]} if c["name"] in read else c for c in self.config.concepts]
+        readout = PatchClassReadout(self.config.encoder_hidden_size, patch_classes, concepts)
+        self.config.concepts, self.config.patch_classes = concepts, list(patch_classes)
+        for name in read:
+            if name in self.concept_heads:
+                del self.concept_heads[name]
+        if not len(self.concept_heads):
+            self.concept_norm = None
+        self.patch_readout = readout.to(self.query_tokens.device)
+        return self.patch_readout
 
     @classmethod
     def from_config(cls, config, llm_hidden_size: int) -> "QFormerProjector":
@@ -251,22 +272,32 @@ class QFormerProjector(SlideProjector):
     def forward(self, encodings: Sequence, output_attentions: bool = False) -> ProjectorOutput:
         """Project a batch of ``SlideEncoderOutput``s (all levels of each slide are the Q-Former's memory)."""
         memory, mask = pad_and_stack([e.tokens() for e in encodings])
-        return self.project_memory(memory, mask, output_attentions)
+        patch_tokens = [e.patch_tokens for e in encodings] if self.patch_readout is not None else None
+        return self.project_memory(memory, mask, output_attentions, patch_tokens)
 
     def project_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                       output_attentions: bool = False) -> ProjectorOutput:
-        """``memory`` [B, L, H_enc] (all slide-encoder levels, padded), ``memory_mask`` bool [B, L]."""
+                       output_attentions: bool = False,
+                       patch_tokens: Sequence[torch.Tensor] | None = None) -> ProjectorOutput:
+        """``memory`` [B, L, H_enc] (all slide-encoder levels, padded), ``memory_mask`` bool [B, L];
+        ``patch_tokens`` (each slide's [N_i, H_enc]) are needed when concepts are read from patch classes."""
         b = memory.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         hidden, cross = self.qformer(queries, memory, memory_mask, output_attentions)
         tokens = self.language_projection(hidden)
         logits = None
         if self.config.concepts:
-            vocab = {name: getattr(self, f"concept_words_{name}", None) for name in self.concept_heads}
+            vocab = {c["name"]: getattr(self, f"concept_words_{c['name']}", None) for c in self.config.concepts}
             if any(v is None for v in vocab.values()):
                 raise ConfigError("concept tokens need set_concept_vocabulary(tokenizer, embeddings) first")
-            pooled = self.concept_norm(hidden.flatten(1))
-            logits = {name: head(pooled) for name, head in self.concept_heads.items()}
+            logits = {}
+            if self.concept_heads:
+                pooled = self.concept_norm(hidden.flatten(1))
+                logits = {name: head(pooled) for name, head in self.concept_heads.items()}
+            if self.patch_readout is not None:
+                if patch_tokens is None:
+                    raise ConfigError("concepts read from patch classes need the slides' patch tokens")
+                logits.update(self.patch_readout(patch_tokens))
+            logits = {c["name"]: logits[c["name"]] for c in self.config.concepts}  # the concept order of the config
             words = [torch.softmax(lg.float(), dim=-1).to(tokens.dtype) @ vocab[name].to(tokens.dtype)
                      for name, lg in logits.items()]
             tokens = torch.cat([torch.stack(words, dim=1), tokens], dim=1)
