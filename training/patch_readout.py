@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +33,10 @@ log = logging.getLogger("training")
 @dataclass
 class PatchReadoutConfig:
     """``read``: concept name -> ``patch_share`` or ``patch_presence`` (the presence concept's class is the tissue
-    class in its name: ``present_necrosis`` -> ``necrosis``)."""
+    class in its name: ``present_necrosis`` -> ``necrosis``), or the concept entry's fields, e.g. ``{read:
+    patch_bins, class: tumor, edges: [0.1, 0.3]}``."""
 
-    read: dict[str, str] = field(default_factory=dict)
+    read: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None        # the checkpoint to extend (default: the pipeline's latest)
     synth_dir: str | None = None        # training slides with label maps (default: the pipeline's)
     features_dir: str | None = None     # their features (default: the pipeline's)
@@ -52,10 +54,13 @@ class PatchReadoutConfig:
     seed: int = 0
 
 
-def read_spec(read: dict[str, str]) -> dict[str, dict]:
+def read_spec(read: dict[str, Any]) -> dict[str, dict]:
     """``{"dominant": "patch_share", "present_necrosis": "patch_presence"}`` -> concept entries' ``read`` / ``class``."""
     spec = {}
     for name, mode in read.items():
+        if isinstance(mode, dict):
+            spec[name] = dict(mode)
+            continue
         entry = {"read": mode}
         if mode == "patch_presence":
             cls = name.removeprefix("present_")
@@ -156,7 +161,7 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
     readout.head.requires_grad_(False)
     with torch.no_grad():
         aggregates = [readout.aggregate(readout.patch_logits(s["tokens"])) for s in train]
-    calib = [p for n in names for p in (readout.scale[n], readout.offset[n])]
+    calib = [p for n in names for p in (readout.scale[n], readout.offset[n])] + list(readout.bin_scale.values())
     opt = torch.optim.Adam(calib, lr=cfg.calibration_lr)
     targets = {n: torch.tensor([s["targets"][n] for s in train]) for n in names}
     for _ in range(cfg.calibration_epochs):
@@ -178,6 +183,7 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
                "val_concept_accuracy_query_heads": before, "val_concept_accuracy_patch_readout": after,
                "scale": {n: round(float(readout.scale[n]), 3) for n in names},
                "offset": {n: round(float(readout.offset[n]), 3) for n in names},
+               "bin_scale": {n: round(float(v), 3) for n, v in readout.bin_scale.items()},
                "wall_time_s": round(time.perf_counter() - t0, 1)}
     write_json_atomic(output_dir / "metrics.json", metrics)
     log.info("[patch-readout] %s", metrics)

@@ -11,7 +11,10 @@ A concept may then be read from these numbers instead of the Q-Former queries (`
 - ``read: patch_share`` — its words are the patch classes in order; logits = ``scale * log(share)`` (the dominant
   tissue);
 - ``read: patch_presence`` with ``class: <name>`` — words [present, absent]; the presence logit is
-  ``scale * (log(expected patches of the class) - offset)``, the absent one 0 (a tissue's presence).
+  ``scale * (log(expected patches of the class) - offset)``, the absent one 0 (a tissue's presence);
+- ``read: patch_bins`` with ``class: <name>`` and ``edges: [t1, t2, ...]`` (shares, increasing) — words [none, up to
+  t1, t1 to t2, ..., over the last]; "none" is the class's absence (as in ``patch_presence``), the other words an
+  ordinal split of its share: P(share > t) = sigmoid(bin_scale * (log share - log t)) (the tumour-fraction bin).
 
 ``scale`` and ``offset`` are learnt per concept; the concept token is still the softmax mix of its words' input
 embeddings, so an LLM trained on query-read concept tokens reads these the same way.
@@ -27,7 +30,7 @@ from torch import nn
 
 from slidechat.errors import ConfigError
 
-READ_MODES = ("patch_share", "patch_presence")
+READ_MODES = ("patch_share", "patch_presence", "patch_bins")
 
 
 def patch_read_concepts(concepts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -46,13 +49,20 @@ def check_patch_concepts(concepts: Sequence[dict[str, Any]], patch_classes: Sequ
         if mode == "patch_share" and len(c["words"]) != len(patch_classes):
             raise ConfigError(f"qformer concept {c['name']!r}: read patch_share needs one word per patch class "
                               f"({len(patch_classes)}), got {len(c['words'])}")
-        if mode == "patch_presence":
+        if mode in ("patch_presence", "patch_bins"):
             if c.get("class") not in patch_classes:
                 raise ConfigError(f"qformer concept {c['name']!r}: class {c.get('class')!r} is not one of the patch "
                                   f"classes {list(patch_classes)}")
-            if len(c["words"]) != 2:
-                raise ConfigError(f"qformer concept {c['name']!r}: read patch_presence needs two words "
-                                  "(present, absent)")
+        if mode == "patch_presence" and len(c["words"]) != 2:
+            raise ConfigError(f"qformer concept {c['name']!r}: read patch_presence needs two words (present, absent)")
+        if mode == "patch_bins":
+            edges = c.get("edges") or []
+            if not edges or any(not 0 < t < 1 for t in edges) or list(edges) != sorted(set(edges)):
+                raise ConfigError(f"qformer concept {c['name']!r}: read patch_bins needs edges, increasing shares "
+                                  f"in (0, 1), got {edges!r}")
+            if len(c["words"]) != len(edges) + 2:
+                raise ConfigError(f"qformer concept {c['name']!r}: {len(edges)} edges need {len(edges) + 2} words "
+                                  "(none, then one per bin)")
 
 
 class PatchClassReadout(nn.Module):
@@ -68,6 +78,8 @@ class PatchClassReadout(nn.Module):
                                   nn.Linear(2 * hidden_size, len(self.patch_classes) + 1))
         self.scale = nn.ParameterDict({n: nn.Parameter(torch.tensor(4.0)) for n in self.concepts})
         self.offset = nn.ParameterDict({n: nn.Parameter(torch.tensor(0.0)) for n in self.concepts})
+        self.bin_scale = nn.ParameterDict({n: nn.Parameter(torch.tensor(8.0)) for n, c in self.concepts.items()
+                                           if c["read"] == "patch_bins"})
 
     def patch_logits(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """[N, 1 + C] logits per patch (column 0: no tissue)."""
@@ -87,10 +99,19 @@ class PatchClassReadout(nn.Module):
             scale = self.scale[name]
             if c["read"] == "patch_share":
                 out[name] = scale * torch.log(shares.clamp_min(1e-6))
-            else:
-                k = self.patch_classes.index(c["class"])
-                present = scale * (torch.log(expected[k].clamp_min(1e-4)) - self.offset[name])
+                continue
+            k = self.patch_classes.index(c["class"])
+            present = scale * (torch.log(expected[k].clamp_min(1e-4)) - self.offset[name])
+            if c["read"] == "patch_presence":
                 out[name] = torch.stack([present, torch.zeros_like(present)])
+                continue
+            edges = torch.tensor(c["edges"], dtype=shares.dtype, device=shares.device)
+            above = torch.sigmoid(self.bin_scale[name] * (torch.log(shares[k].clamp_min(1e-6)) - torch.log(edges)))
+            cum = torch.cat([above.new_ones(1), above, above.new_zeros(1)])
+            bins = (cum[:-1] - cum[1:]).clamp_min(1e-6)  # P(bin) = P(> lower edge) - P(> upper edge)
+            p_present = torch.sigmoid(present)
+            probs = torch.cat([(1 - p_present).reshape(1), p_present * bins])
+            out[name] = torch.log(probs.clamp_min(1e-6))
         return out
 
     def forward(self, patch_tokens: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,10 +40,22 @@ def test_presence_grows_with_the_expected_area_and_dominant_follows_the_largest_
     assert int(small["dominant"].argmax()) == 0 and int(large["dominant"].argmax()) == 2
 
 
+def test_bins_split_the_share_and_none_is_the_absence():
+    bins = {"name": "fraction", "words": ["none", "low", "mid", "high"], "read": "patch_bins", "class": "c",
+            "edges": [0.1, 0.3]}
+    readout = PatchClassReadout(8, CLASSES, [bins]).requires_grad_(False)
+    for share, expected, word in [(0.05, 5.0, 1), (0.2, 20.0, 2), (0.5, 50.0, 3), (0.0, 0.0, 0)]:
+        lg = readout.concept_logits(torch.tensor([1 - share, 0.0, share]), torch.tensor([100 - expected, 0, expected]))
+        assert int(lg["fraction"].argmax()) == word, (share, lg["fraction"])
+        assert torch.allclose(torch.softmax(lg["fraction"], -1).sum(), torch.tensor(1.0), atol=1e-3)
+
+
 @pytest.mark.parametrize("concept, message", [
     ({"name": "d", "words": ["x", "y"], "read": "patch_share"}, "one word per patch class"),
     ({"name": "p", "words": ["c", "absent"], "read": "patch_presence", "class": "q"}, "not one of the patch classes"),
     ({"name": "p", "words": ["c", "absent"], "read": "patch_max"}, "is not one of"),
+    ({"name": "b", "words": ["n", "l", "h"], "read": "patch_bins", "class": "c", "edges": [0.3, 0.1]}, "increasing"),
+    ({"name": "b", "words": ["n", "l", "h"], "read": "patch_bins", "class": "c", "edges": [0.1, 0.3]}, "need 4 words"),
 ])
 def test_concepts_the_patch_classes_cannot_answer_are_config_errors(concept, message):
     with pytest.raises(ConfigError, match=message):
