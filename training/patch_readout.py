@@ -70,7 +70,8 @@ def read_spec(read: dict[str, Any]) -> dict[str, dict]:
 
 
 def load_readout_slides(model, synth_dir: str | Path, features_dir: str | Path, samples: int = 16) -> list[dict]:
-    """Per slide: the frozen encoder's patch tokens, each patch's class shares and the slide's concept targets."""
+    """Per slide: the frozen encoder's patch tokens, each patch's class shares, the slide's concept targets and the
+    concept logits of the model as it is (``query_logits``, for the before/after comparison)."""
     from slidechat.features.store import load_features
     from slidechat.synth.patch_labels import load_label_map, patch_class_shares
 
@@ -83,14 +84,15 @@ def load_readout_slides(model, synth_dir: str | Path, features_dir: str | Path, 
         sf = load_features(p)
         ps = float(sf.attrs.get("patch_size_level0") or 0) or None
         with torch.no_grad():
-            enc = model.slide_encoder(torch.from_numpy(sf.features.astype(np.float32)).to(model.device),
-                                      torch.from_numpy(sf.coords), ps)
+            (enc,), proj = model.encode_features([torch.from_numpy(sf.features.astype(np.float32))],
+                                                 [torch.from_numpy(sf.coords)], [ps])
         shares = patch_class_shares(load_label_map(synth_dir, t), int(t["mask_downsample"]), sf.coords,
                                     ps or 224.0, len(LABEL_NAMES), samples)
         attrs = synth_attributes(t)
         slides.append({"slide_id": t["slide_id"], "tokens": enc.patch_tokens.detach().float().cpu(),
                        "shares": torch.from_numpy(shares),
-                       "targets": {n: f(attrs) for n, f in SYNTH_CONCEPT_TARGETS.items()}})
+                       "targets": {n: f(attrs) for n, f in SYNTH_CONCEPT_TARGETS.items()},
+                       "query_logits": {k: v[0].float().cpu() for k, v in (proj.concept_logits or {}).items()}})
     return slides
 
 
@@ -111,19 +113,6 @@ def concept_accuracy(projector, slides: list[dict], names: list[str], patch: boo
     return out
 
 
-def _query_logits(model, synth_dir, features_dir, slides: list[dict]) -> None:
-    """Store each slide's concept logits of the current (query-read) heads, for the before/after comparison."""
-    from slidechat.features.store import load_features
-
-    with torch.no_grad():
-        for s in slides:
-            sf = load_features(Path(features_dir) / f"{s['slide_id']}.h5")
-            ps = float(sf.attrs.get("patch_size_level0") or 0) or None
-            _, proj = model.encode_features([torch.from_numpy(sf.features.astype(np.float32))],
-                                            [torch.from_numpy(sf.coords)], [ps])
-            s["query_logits"] = {k: v[0].float().cpu() for k, v in proj.concept_logits.items()}
-
-
 def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, features_dir: str | Path,
                         output_dir: str | Path) -> dict:
     """Add the readout of ``cfg.read`` to ``model`` (in place), train it, save ``output_dir/final``; returns
@@ -134,15 +123,12 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
     slides = load_readout_slides(model, synth_dir, features_dir, cfg.samples)
     if cfg.val_synth_dir:
         val = load_readout_slides(model, cfg.val_synth_dir, cfg.val_features_dir or features_dir, cfg.samples)
-        val_paths = (cfg.val_synth_dir, cfg.val_features_dir or features_dir)
         train = slides
     else:
         order = np.random.default_rng(cfg.seed).permutation(len(slides))
         n_val = max(1, int(round(len(slides) * cfg.val_fraction)))
         val, train = [slides[i] for i in order[:n_val]], [slides[i] for i in order[n_val:]]
-        val_paths = (synth_dir, features_dir)
     names = list(cfg.read)
-    _query_logits(model, *val_paths, val)
     before = concept_accuracy(model.projector, val, names, patch=False)
 
     readout = model.projector.read_concepts_from_patches(TISSUE_CLASSES, read_spec(cfg.read))

@@ -79,9 +79,9 @@ class QFormerConfig(ConfigMixin):
     # Each concept gets one extra LLM token = the softmax(head(queries))-weighted mix of its words' input embeddings
     # (first token of each word), placed before the K query tokens. Heads are trained on structured labels.
     concepts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    # Patch classes (optional): a linear head on the slide encoder's patch tokens gives every patch these classes'
-    # probabilities; a concept with ``read: patch_share`` / ``patch_presence`` is read from their area-weighted sums
-    # (``slidechat.model.patch_readout``) instead of from the queries.
+    # Patch classes (optional): a small MLP on the slide encoder's patch tokens gives every patch these classes'
+    # probabilities; a concept with ``read: patch_share`` / ``patch_presence`` / ``patch_bins`` is read from their
+    # area-weighted sums (``slidechat.model.patch_readout``) instead of from the queries.
     patch_classes: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
