@@ -30,6 +30,7 @@ from slidechat.evaluation.output_folder import PREDICTIONS_JSONL, write_results_
 from slidechat.evaluation.scoring import TextScoreConfig, score_text
 from slidechat.evaluation.slidebench import format_mcq_prompt
 from slidechat.errors import ConfigError, DataError, SlideChatError
+from slidechat.synth.dataset import SLIDE_LABELS_COLUMN
 from slidechat.utils.io import (BadLines, JsonlLog, read_jsonl, remove_stale_temp_files, write_json_atomic,
                                 write_jsonl_atomic)
 from slidechat.utils.locks import DEFAULT_STALE_AFTER_S, LockFolder
@@ -86,7 +87,7 @@ def _work_items(data: BenchmarkData, tasks: list[str], limit: int | None) -> lis
     per_task: dict[str, list[dict]] = {t: [] for t in tasks}
     if "closed_vqa" in tasks:
         per_task["closed_vqa"] = [{"task": "closed_vqa", "id": it.id, "slide_id": it.slide,
-                                   "prompt": format_mcq_prompt(it)} for it in data.closed_vqa]
+                                   "prompt": format_mcq_prompt(it), **_slide_labels(it)} for it in data.closed_vqa]
     if "open_vqa" in tasks:
         per_task["open_vqa"] = [{"task": "open_vqa", "id": str(r["id"]), "slide_id": r["slide_id"],
                                  "prompt": r["question"]} for r in data.open_vqa]
@@ -259,8 +260,15 @@ def score_run(data: BenchmarkData, records: dict, cfg: EvalRunConfig) -> tuple[d
     return results, scored
 
 
-def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig):
-    """(encoded slide, None) or (None, error text); a case's ``sid`` (``a;b``) gives a ``Case`` of its slides."""
+def _slide_labels(item) -> dict:
+    """``{"labels": [...]}`` from a case row's ``Slide Labels`` column (``A1 H&E;A2 H&E``), else ``{}``."""
+    raw = str(item.extra.get(SLIDE_LABELS_COLUMN) or "").strip()
+    return {"labels": case_slides(raw)} if raw and len(case_slides(item.slide)) > 1 else {}
+
+
+def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig, labels: list[str] | None = None):
+    """(encoded slide, None) or (None, error text); a case's ``sid`` (``a;b``) gives a ``Case`` of its slides
+    (named by ``labels`` when the data gives them)."""
     from slidechat.inference.case import Case
 
     encoded = []
@@ -272,7 +280,12 @@ def _encode_for(assistant, data: BenchmarkData, sid: str, cfg: EvalRunConfig):
             encoded.append(assistant.encode_slide(path, cache_dir=cfg.cache_dir))
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    return (encoded[0] if len(encoded) == 1 else Case(sid, encoded)), None
+    if len(encoded) == 1:
+        return encoded[0], None
+    try:
+        return Case(sid, encoded, list(labels or [])), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunConfig, data: BenchmarkData,
@@ -280,8 +293,9 @@ def _run_unit(assistant, enc, enc_error: str | None, unit: dict, cfg: EvalRunCon
     """The log record of one unit (status ok, or error with the reason)."""
     t0 = time.perf_counter()
     record = {k: unit[k] for k in ("task", "id", "slide_id")}
-    if "prompt" in unit:
-        record["prompt"] = unit["prompt"]
+    for key in ("prompt", "labels"):
+        if key in unit:
+            record[key] = unit[key]
     if enc_error:
         record.update(status="error", error=enc_error, output=None)
     else:
@@ -313,7 +327,8 @@ def _run_units(assistant, units: list[dict], plog: JsonlLog, cfg: EvalRunConfig,
             with lock:
                 plog.refresh()  # another worker may have finished this slide just before we took the lock
                 todo = [u for u in group if _key(u) not in plog]
-                enc, enc_error = _encode_for(assistant, data, sid, cfg) if todo else (None, None)
+                enc, enc_error = (_encode_for(assistant, data, sid, cfg, group[0].get("labels")) if todo
+                                  else (None, None))
                 for unit in todo:
                     plog.append(_run_unit(assistant, enc, enc_error, unit, cfg, data, out, overlay_slides))
                     bar.update(1)

@@ -56,6 +56,16 @@ def case_header(num_slides: int, labels=None) -> str:
     return "\n".join(f"{slide_marker(i + 1, labels[i])} {SLIDE_PLACEHOLDER}" for i in range(num_slides))
 
 
+def split_case_header(text: str) -> tuple[str, str]:
+    """(the leading lines that carry slide placeholders, the rest): ``"Slide 1 (A1 H&E): <image>\\nSlide 2:
+    <image>\\nWhich slide..."`` -> the two marked lines and the question; ``("", text)`` when it has none."""
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines) and any(p in lines[n] for p in PLACEHOLDER_ALIASES):
+        n += 1
+    return "\n".join(lines[:n]), "\n".join(lines[n:])
+
+
 def normalise_placeholder(text: str) -> str:
     """Replace any accepted placeholder spelling (``<image>``, ``<wsi>``) with ``<slide>``."""
     for alias in PLACEHOLDER_ALIASES:

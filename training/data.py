@@ -27,11 +27,11 @@ import torch
 
 from slidechat.errors import DataError
 from slidechat.model import IGNORE_INDEX
+from slidechat.prompts import SLIDE_PLACEHOLDER, normalise_placeholder
 from slidechat.utils.io import BadLines, read_json_records, read_jsonl
 
 log = logging.getLogger(__name__)
 
-IMAGE_TAG = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 # Single-turn prompts for stage-1 alignment on captions / reports (one is chosen per sample, deterministically).
@@ -152,9 +152,13 @@ def llava_to_sample(record: dict, *, require_image_tag: bool = True, source: str
             raise SkipSample("malformed", f"{rid}: bad turn {turn!r:.80}")
         if role == "system":
             continue
-        if IMAGE_TAG in value:
+        value = normalise_placeholder(value)
+        if SLIDE_PLACEHOLDER in value:
             tag_seen = True
-            value = value.replace(IMAGE_TAG, "").strip()
+            # a case's first turn that names each slide before its placeholder ("Slide 1 (A1 H&E): <image>") keeps
+            # them where they are; otherwise the processor puts the placeholder(s) at the turn's start
+            if messages or len(images) == 1 or value.count(SLIDE_PLACEHOLDER) != len(images):
+                value = value.replace(SLIDE_PLACEHOLDER, "").strip()
         if role == "assistant" and not value.strip():
             raise SkipSample("empty_answer", rid)
         if messages and messages[-1]["role"] == role:

@@ -128,27 +128,47 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
     ``turns`` question/answer pairs, in random order within each ``draw`` (a record's optional round), earlier
     draws first -- so a conversation rarely asks the same fact twice and an answer cannot be copied from a turn
     before it."""
-    by_slide: dict[tuple[str, ...], list[dict]] = {}
+    by_slide: dict[tuple, list[dict]] = {}
     for r in records:
-        by_slide.setdefault(tuple(r["image"]), []).append(r)
+        header = prompts.split_case_header(r["conversations"][0]["value"])[0] or "<image>"
+        by_slide.setdefault((tuple(r["image"]), header), []).append(r)
     rng = np.random.default_rng([seed, 3])
     out = []
-    for image, recs in by_slide.items():
+    for (image, header), recs in by_slide.items():
         recs = sorted((recs[i] for i in rng.permutation(len(recs))), key=lambda r: r.get("draw", 0))
         for c in range(0, len(recs), turns):
             group = recs[c:c + turns]
             conv = []
             for k, r in enumerate(group):
-                q = r["conversations"][0]["value"].replace("<image>\n", "")
-                conv += [{"from": "human", "value": ("<image>\n" + q) if k == 0 else q}, r["conversations"][1]]
+                q = prompts.split_case_header(r["conversations"][0]["value"])[1]
+                conv += [{"from": "human", "value": (header + "\n" + q) if k == 0 else q}, r["conversations"][1]]
             out.append({"id": f"{group[0]['id']}+{len(group) - 1}", "image": list(image), "conversations": conv})
     return out
+
+
+STAINS = ("H&E", "H&E", "H&E", "PAS", "IHC", "Masson", "H&E deeper level")
+
+
+def training_slide_labels(slide_ids: list[str], rng: np.random.Generator) -> list[str]:
+    """Labels for a training case's slides, in one of the ways users name them: ``A1 H&E`` (blocks, one stain per
+    slide), ``B2 level 3`` (levels of a block), ``Part 2`` or the slide's file name."""
+    n, style = len(slide_ids), rng.choice(["block", "block", "level", "part", "file"])
+    block = "ABCDEFGHJKLMNPRST"[int(rng.integers(17))]
+    if style == "block":
+        first = int(rng.integers(1, 4))
+        return [f"{block}{first + j} {STAINS[int(rng.integers(len(STAINS)))]}" for j in range(n)]
+    if style == "level":
+        return [f"{block}{int(rng.integers(1, 6))} level {j + 1}" for j in range(n)]
+    if style == "part":
+        return [f"Part {j + 1}" for j in range(n)]
+    return [f"{sid}.tiff" for sid in slide_ids]
 
 
 def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_rounds: int = 3,
                             sentence_turns: bool = True, replay_mcq_rounds: int = 1, seed: int = 0,
                             turns_per_conversation: int = 6, reasoned: bool = False,
-                            replay_share: float = 1.0, replay_presence_per_round: int = 1) -> dict:
+                            replay_share: float = 1.0, replay_presence_per_round: int = 1,
+                            unlabelled_share: float = 0.25, name_slides_in_prompt: bool = True) -> dict:
     """Training conversations from a SynthSlide case folder (``slidechat synth --cases``); returns counts per kind.
 
     Case questions in the closed-VQA format (``mcq_rounds`` option shuffles per case; answers "option (letter)", or
@@ -158,31 +178,51 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     (multiple choice, open questions, a description) and its report questions (``build_demo_instructions``), of
     which a random ``replay_share`` of the conversations is kept (``replay_presence_per_round``: presence questions
     per round of open questions).
-    """
-    from slidechat.synth.cases import case_closed_questions, reasoned_case_answer
 
+    Every case conversation starts with one ``Slide 1 (A1 H&E): <image>`` line per slide; in a random
+    ``unlabelled_share`` of the cases the slides have no labels (``Slide 1: <image>``) and the answers name them
+    by number only; the labelled ones are named in varied ways (``training_slide_labels``: blocks and stains, levels,
+    file names), so that an answer copies the names the prompt gives and never invents a label. With
+    ``name_slides_in_prompt`` false the first turn has a single ``<image>`` (the slides are then marked by number
+    only, ``Slide 1: <slide>``) while the answers name them with the case folder's labels: the form the shipped demo
+    checkpoint's case stage was trained on.
+    """
+    from slidechat.synth.cases import case_closed_questions, case_conversation, case_image_header, reasoned_case_answer
+
+    if not 0.0 <= unlabelled_share <= 1.0:
+        raise ConfigError(f"case_data.unlabelled_share {unlabelled_share}: use a share in [0, 1]")
     case_dir = Path(case_dir)
     truths = read_jsonl(case_dir / "case_truth.jsonl")
     records: list[dict] = []
-    counts = {"case_mcq": 0, "case_sentences": 0}
+    counts = {"case_mcq": 0, "case_sentences": 0, "unlabelled_cases": 0}
 
-    def add(rid: str, images: list[str], question: str, answer: str) -> None:
+    def add(rid: str, images: list[str], header: str, question: str, answer: str) -> None:
         records.append({"id": rid, "image": images, "conversations": [
-            {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+            {"from": "human", "value": header + "\n" + question}, {"from": "gpt", "value": answer}]})
 
     for c, t in enumerate(truths):
+        label_rng = np.random.default_rng([seed, c, 41])
+        if not name_slides_in_prompt:
+            header = "<image>"
+        elif label_rng.random() < unlabelled_share:
+            t = {**t, "labels": [None] * len(t["slide_ids"])}
+            counts["unlabelled_cases"] += 1
+        else:
+            t = {**t, "labels": training_slide_labels(t["slide_ids"], label_rng)}
+        if name_slides_in_prompt:
+            header = case_image_header(t["labels"])
         images = [f"{sid}.tiff" for sid in t["slide_ids"]]
         for r in range(mcq_rounds):
             rng = np.random.default_rng([seed, c, r, 29])
             for k, q in enumerate(case_closed_questions(t, rng)):
                 answer = reasoned_case_answer(t, q) if reasoned else mcq_answer(q["options"], q["answer"])
-                add(f"{t['case_id']}-mcq{r}-{k}", images, format_mcq(q["question"], q["options"]), answer)
+                add(f"{t['case_id']}-mcq{r}-{k}", images, header, format_mcq(q["question"], q["options"]), answer)
                 counts["case_mcq"] += 1
-    if sentence_turns:
-        for rec in json.loads((case_dir / "case_instructions.json").read_text()):
-            conv = rec["conversations"]
+        if sentence_turns:
+            conv = case_conversation(t)
             for k in range(0, len(conv) - 1, 2):
-                add(f"{rec['id']}-{k // 2}", rec["image"], conv[k]["value"], conv[k + 1]["value"])
+                question = prompts.split_case_header(conv[k]["value"])[1]
+                add(f"{t['case_id']}-conv-{k // 2}", images, header, question, conv[k + 1]["value"])
                 counts["case_sentences"] += 1
     records = pack_conversations(records, turns_per_conversation, seed)
     if replay_mcq_rounds > 0:

@@ -6,8 +6,10 @@ Extra files, beside the single-slide ones::
 
     cases.csv             case_id,slide_path,label   (the input of `slidechat report --cases`)
     case_truth.jsonl      per case: slide ids, labels, which slides show a lesion / tumour / necrosis
-    case_closed_vqa.csv   SlideBench columns; ``Slide`` lists the case's slides joined by ";"
-    case_instructions.json  LLaVA/SlideInstruction records with ``"image": [...]`` (one conversation per case)
+    case_closed_vqa.csv   SlideBench columns; ``Slide`` lists the case's slides joined by ";", ``Slide Labels``
+                          their labels in the same order
+    case_instructions.json  LLaVA/SlideInstruction records with ``"image": [...]`` (one conversation per case; its
+                          first turn has a ``Slide 1 (A1 H&E): <image>`` line per slide)
     case_reports.jsonl    a case-level report (text + fields) per case
 
 Answers name slides as the prompt does (``Slide 2 (A2 H&E)``: ``slidechat.inference.case.Case.name``).
@@ -28,8 +30,8 @@ from slidechat import prompts
 from slidechat.errors import ConfigError
 from slidechat.synth import text as T
 from slidechat.synth.classes import DISPLAY_NAMES, LABEL_NAMES, LESION_DISPLAY, QUADRANTS, TISSUE_CLASSES
-from slidechat.synth.dataset import (CLOSED_VQA_COLUMNS, MAGNIFICATION, MPP, generate_slide, prepare_dataset_folder,
-                                     write_text_products)
+from slidechat.synth.dataset import (CLOSED_VQA_COLUMNS, MAGNIFICATION, MPP, SLIDE_LABELS_COLUMN, generate_slide,
+                                     prepare_dataset_folder, write_text_products)
 from slidechat.utils.io import write_json_atomic, write_text_atomic
 
 CASE_SLIDE_SEPARATOR = ";"
@@ -155,8 +157,14 @@ def _count_sentence(what: str, slides: list[int], names: list[str]) -> str:
     return f"{what.capitalize()} is present in {len(slides)} slide{'s' if len(slides) != 1 else ''}: {where}."
 
 
+def case_image_header(labels: list[str | None]) -> str:
+    """The first turn's slide lines in LLaVA spelling, one per slide: ``Slide 1 (A1 H&E): <image>``."""
+    return prompts.case_header(len(labels), labels).replace(prompts.SLIDE_PLACEHOLDER, "<image>")
+
+
 def case_conversation(truth: dict) -> list[dict]:
-    """A LLaVA conversation over the case: which slide, tumour anywhere, necrosis count, then a case summary."""
+    """A LLaVA conversation over the case (its first turn names every slide with its label, as the case prompt
+    does): which slide shows the lesion, tumour anywhere, necrosis count."""
     names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
     tumor = truth["tumor_slides"]
     turns = [
@@ -168,7 +176,7 @@ def case_conversation(truth: dict) -> list[dict]:
     ]
     conv = []
     for q, a in turns:
-        conv.append({"from": "human", "value": q})
+        conv.append({"from": "human", "value": q if conv else case_image_header(truth["labels"]) + "\n" + q})
         conv.append({"from": "gpt", "value": a})
     return conv
 
@@ -211,7 +219,8 @@ def write_case_products(out_dir: Path, cases: list[dict], records: dict[str, dic
         reports.append({"case_id": case["case_id"], "report_text": text, "report": fields})
         convs.append({"id": f"{case['case_id']}-conv", "image": [f"{sid}.tiff" for sid in truth["slide_ids"]],
                       "conversations": case_conversation(truth)})
-        closed += [{**q, "slide": CASE_SLIDE_SEPARATOR.join(truth["slide_ids"]), "case_id": case["case_id"]}
+        closed += [{**q, "slide": CASE_SLIDE_SEPARATOR.join(truth["slide_ids"]), "case_id": case["case_id"],
+                    "labels": CASE_SLIDE_SEPARATOR.join(truth["labels"])}
                    for q in case_closed_questions(truth, rng)]
 
     def jsonl(rows: list[dict]) -> str:
@@ -223,11 +232,11 @@ def write_case_products(out_dir: Path, cases: list[dict], records: dict[str, dic
     write_json_atomic(out_dir / "case_instructions.json", convs)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CLOSED_VQA_COLUMNS)
+    writer.writerow(CLOSED_VQA_COLUMNS + [SLIDE_LABELS_COLUMN])
     for i, q in enumerate(closed):
         options = q["options"] + [""] * (4 - len(q["options"]))
         writer.writerow([f"{q['case_id']}-{i}", q["slide"], "SYNTH", q["broad"], q["narrow"], q["question"],
-                         *options, q["answer"]])
+                         *options, q["answer"], q["labels"]])
     write_text_atomic(out_dir / "case_closed_vqa.csv", buf.getvalue())
 
 
@@ -299,4 +308,5 @@ def compose_case_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 __all__ = ["generate_case_dataset", "compose_case_dataset", "plan_cases", "case_truth", "case_closed_questions",
            "case_conversation", "slide_findings", "reasoned_case_answer",
-           "case_report", "write_case_products", "slide_name", "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]
+           "case_report", "write_case_products", "slide_name", "case_image_header",
+           "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]

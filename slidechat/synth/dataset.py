@@ -45,6 +45,9 @@ SIZES: dict[str, SynthSize] = {
 MPP = 0.5
 MAGNIFICATION = 20
 CLOSED_VQA_COLUMNS = ["ID", "Slide", "Tumor", "Broad Category", "Narrow Category", "Question", "A", "B", "C", "D", "Answer"]
+# Beside SlideBench's ``Slide`` (a case's slides joined by ";"): their labels, in the same order and joined the same
+# way, so that a question is asked of the case as its slides were named ("A1 H&E").
+SLIDE_LABELS_COLUMN = "Slide Labels"
 
 
 def slide_id_for(seed: int, index: int) -> str:

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from slidechat.cli import main
+from slidechat.inference.pipeline import SlideChat
 from slidechat.synth.cases import generate_case_dataset
 from slidechat.utils.io import read_jsonl
 
@@ -22,11 +23,19 @@ def two_cases(tmp_path_factory):
     return out
 
 
-def test_eval_run_on_case_rows(two_cases, tiny_checkpoint_dir, tmp_path):
+def test_eval_run_on_case_rows(two_cases, tiny_checkpoint_dir, tmp_path, monkeypatch):
     # a SlideBench-style CSV that holds only the case rows; slides are found in --slides-dir
     bench = tmp_path / "case_bench.csv"
     bench.write_text((two_cases / "case_closed_vqa.csv").read_text())
     out = tmp_path / "run"
+    asked = []  # the case each question is asked of, as the model gets it
+    real_chat = SlideChat.chat
+
+    def chat(self, slide, *args, **kwargs):
+        asked.append(list(slide.labels))
+        return real_chat(self, slide, *args, **kwargs)
+
+    monkeypatch.setattr(SlideChat, "chat", chat)
     args = ["eval", "run", "--checkpoint", str(tiny_checkpoint_dir), "--data", str(bench),
             "--slides-dir", str(two_cases / "slides"), "--out", str(out), "--tasks", "closed_vqa",
             "--mcq-max-new-tokens", "4", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "50", "--no-progress"]
@@ -34,6 +43,12 @@ def test_eval_run_on_case_rows(two_cases, tiny_checkpoint_dir, tmp_path):
     preds = read_jsonl(out / "predictions.jsonl")
     assert len(preds) == 6 and all(p["status"] == "ok" for p in preds), preds
     assert all(";" in p["slide_id"] for p in preds)
+    # the slides are named as the CSV's Slide Labels column names them
+    with open(bench, newline="") as fh:
+        labels = {r["ID"]: r["Slide Labels"].split(";") for r in csv.DictReader(fh)}
+    assert all(p["labels"] == labels[p["id"]] for p in preds)
+    assert sorted(map(tuple, asked)) == sorted(tuple(labels[p["id"]]) for p in preds)
+    assert all(lab.endswith("H&E") for case in asked for lab in case)
     result = json.loads((out / "results.json").read_text())["closed_vqa"]
     assert result["overall"]["n"] == 6
     assert set(result["narrow_category"]) == {"Lesion slide", "Tumour in any slide", "Necrosis count"}

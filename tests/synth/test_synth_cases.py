@@ -45,9 +45,12 @@ def test_case_files_agree_with_the_slide_truth(case_folder):
         assert all(lab.endswith("H&E") for lab in case.labels)
     items = load_closed_vqa(case_folder / "case_closed_vqa.csv")
     assert len(items) == 3 * 3 and all(it.broad_category == "Case" for it in items)
+    labels_of = {c.case_id: c.labels for c in cases}
     for it in items:
         ids = case_slides(it.slide)
         assert len(ids) >= 2 and all(s in truth for s in ids)
+        # the Slide Labels column names the slides as cases.csv does
+        assert case_slides(it.extra["Slide Labels"]) == labels_of[it.id.rsplit("-", 1)[0]]
         answer = it.options[it.answer]
         if it.narrow_category == "Lesion slide":
             lesion = [i for i, s in enumerate(ids) if truth[s]["lesion"] is not None]
@@ -89,6 +92,9 @@ def test_case_conversations_train_and_case_rows_evaluate(case_folder):
     cases = read_cases_csv(case_folder / "cases.csv")
     assert [s.keys for s in samples] == [[p.stem for p in c.slides] for c in cases]
     assert all(len(s.messages) == 6 for s in samples)
+    for s, c in zip(samples, cases):  # the first turn names every slide before its placeholder
+        first = s.messages[0]["content"].splitlines()
+        assert first[: len(c)] == [f"Slide {i + 1} ({lab}): <slide>" for i, lab in enumerate(c.labels)]
     data = load_benchmark(case_folder)
     case_items = [it for it in data.closed_vqa if ";" in it.slide]
     assert len(case_items) == 9 and len(data.closed_vqa) > 9
