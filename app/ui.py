@@ -261,7 +261,7 @@ class Handlers:
         return (status, self.service.slide_image(session, show, alpha), _facts_markdown(session.info),
                 list(session.transcript), "", gr.update(value=None, visible=False),
                 gr.update(value=None, visible=False), gr.update(value=None, interactive=False), self.viewer(session),
-                "", "", self.strip(session))
+                "", "", self.strip(session), None)  # the box is emptied: its files are the session's now (or gone)
 
     def strip(self, session: SlideSession):
         if not session.case:
@@ -458,7 +458,7 @@ def _wire_open(c: dict[str, Any], h: Handlers, model: dict) -> None:
     c["example_btn"].click(h.open_example, [c["example_pick"]] + settings, open_outputs, show_progress="full",
                            show_progress_on=[c["status"]], api_name="open_example", **model).then(
         lambda: gr.update(value=None, visible=False), None, c["strip"], queue=False, api_name=False)
-    c["case_btn"].click(h.open_case, [c["case_upload"]] + settings, open_outputs + [c["strip"]],
+    c["case_btn"].click(h.open_case, [c["case_upload"]] + settings, open_outputs + [c["strip"], c["case_upload"]],
                         show_progress="full", show_progress_on=[c["status"]], api_name="open_case", **model)
     c["strip"].select(h.select_slide, [c["show_heatmap"], c["alpha"]],
                       [c["status"], c["image"], c["viewer_state"], c["region"]], api_name=False, **model)

@@ -282,3 +282,15 @@ def test_case_of_two_slides_strip_switches_viewer(page, demo_app, synth_dataset,
                            timeout=15000)
     assert "Viewing Slide 2" in page.inner_text("#sc-status")
     page.screenshot(path=str(test_output / "app" / "viewer-7-case-slide-2.png"))
+    # the upload box was emptied when the case opened, so another case starts from its own files
+    assert not any(Path(p).stem in page.inner_text("#sc-case-upload") for p in paths)
+    other = [str(synth_dataset / records[i]["path"]) for i in (3, 1)]
+    page.set_input_files("#sc-case-upload input[type=file]", other)
+    page.wait_for_timeout(1500)
+    shown = page.evaluate("() => window.SlideChatViewer.state.dzi")
+    page.click("#sc-open-case")
+    page.wait_for_function("d => { const s = document.querySelector('#sc-status').innerText; return s.includes("
+                           "'Could not') || (s.includes('Opened a case of 2 slides') && "
+                           "window.SlideChatViewer.state.dzi !== d); }", arg=shown, timeout=180000)
+    assert "Could not" not in page.inner_text("#sc-status")
+    assert page.locator("#sc-case-strip img").count() == 2
