@@ -201,15 +201,14 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
             {"from": "human", "value": header + "\n" + question}, {"from": "gpt", "value": answer}]})
 
     for c, t in enumerate(truths):
-        label_rng = np.random.default_rng([seed, c, 41])
-        if not name_slides_in_prompt:
-            header = "<image>"
-        elif label_rng.random() < unlabelled_share:
-            t = {**t, "labels": [None] * len(t["slide_ids"])}
-            counts["unlabelled_cases"] += 1
-        else:
-            t = {**t, "labels": training_slide_labels(t["slide_ids"], label_rng)}
+        header = "<image>"
         if name_slides_in_prompt:
+            label_rng = np.random.default_rng([seed, c, 41])
+            if label_rng.random() < unlabelled_share:
+                t = {**t, "labels": [None] * len(t["slide_ids"])}
+                counts["unlabelled_cases"] += 1
+            else:
+                t = {**t, "labels": training_slide_labels(t["slide_ids"], label_rng)}
             header = case_image_header(t["labels"])
         images = [f"{sid}.tiff" for sid in t["slide_ids"]]
         for r in range(mcq_rounds):
