@@ -128,21 +128,20 @@ def pack_conversations(records: list[dict], turns: int, seed: int = 0) -> list[d
     ``turns`` question/answer pairs, in random order within each ``draw`` (a record's optional round), earlier
     draws first -- so a conversation rarely asks the same fact twice and an answer cannot be copied from a turn
     before it."""
-    by_slide: dict[tuple, list[dict]] = {}
+    by_slide: dict[tuple, list[tuple[str, dict]]] = {}  # (images, slide header) -> (question, record)
     for r in records:
-        header = prompts.split_case_header(r["conversations"][0]["value"])[0] or "<image>"
-        by_slide.setdefault((tuple(r["image"]), header), []).append(r)
+        header, question = prompts.split_case_header(r["conversations"][0]["value"])
+        by_slide.setdefault((tuple(r["image"]), header or "<image>"), []).append((question, r))
     rng = np.random.default_rng([seed, 3])
     out = []
     for (image, header), recs in by_slide.items():
-        recs = sorted((recs[i] for i in rng.permutation(len(recs))), key=lambda r: r.get("draw", 0))
+        recs = sorted((recs[i] for i in rng.permutation(len(recs))), key=lambda qr: qr[1].get("draw", 0))
         for c in range(0, len(recs), turns):
             group = recs[c:c + turns]
             conv = []
-            for k, r in enumerate(group):
-                q = prompts.split_case_header(r["conversations"][0]["value"])[1]
+            for k, (q, r) in enumerate(group):
                 conv += [{"from": "human", "value": (header + "\n" + q) if k == 0 else q}, r["conversations"][1]]
-            out.append({"id": f"{group[0]['id']}+{len(group) - 1}", "image": list(image), "conversations": conv})
+            out.append({"id": f"{group[0][1]['id']}+{len(group) - 1}", "image": list(image), "conversations": conv})
     return out
 
 
@@ -187,7 +186,8 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
     only, ``Slide 1: <slide>``) while the answers name them with the case folder's labels: the form the shipped demo
     checkpoint's case stage was trained on.
     """
-    from slidechat.synth.cases import case_closed_questions, case_conversation, case_image_header, reasoned_case_answer
+    from slidechat.synth.cases import (case_closed_questions, case_image_header, case_sentence_turns,
+                                      reasoned_case_answer)
 
     if not 0.0 <= unlabelled_share <= 1.0:
         raise ConfigError(f"case_data.unlabelled_share {unlabelled_share}: use a share in [0, 1]")
@@ -218,10 +218,8 @@ def build_case_instructions(case_dir: str | Path, out_path: str | Path, *, mcq_r
                 add(f"{t['case_id']}-mcq{r}-{k}", images, header, format_mcq(q["question"], q["options"]), answer)
                 counts["case_mcq"] += 1
         if sentence_turns:
-            conv = case_conversation(t)
-            for k in range(0, len(conv) - 1, 2):
-                question = prompts.split_case_header(conv[k]["value"])[1]
-                add(f"{t['case_id']}-conv-{k // 2}", images, header, question, conv[k + 1]["value"])
+            for k, (question, answer) in enumerate(case_sentence_turns(t)):
+                add(f"{t['case_id']}-conv-{k}", images, header, question, answer)
                 counts["case_sentences"] += 1
     records = pack_conversations(records, turns_per_conversation, seed)
     if replay_mcq_rounds > 0:

@@ -162,20 +162,25 @@ def case_image_header(labels: list[str | None]) -> str:
     return prompts.case_header(len(labels), labels).replace(prompts.SLIDE_PLACEHOLDER, "<image>")
 
 
-def case_conversation(truth: dict) -> list[dict]:
-    """A LLaVA conversation over the case (its first turn names every slide with its label, as the case prompt
-    does): which slide shows the lesion, tumour anywhere, necrosis count."""
+def case_sentence_turns(truth: dict) -> list[tuple[str, str]]:
+    """(question, answer in a sentence) about the case: which slide shows the lesion, tumour anywhere, necrosis
+    count; the answers name the slides with ``truth["labels"]``."""
     names = [slide_name(i, lab) for i, lab in enumerate(truth["labels"])]
     tumor = truth["tumor_slides"]
-    turns = [
+    return [
         ("Which slide shows the focal lesion?", _lesion_slide_sentence(truth)),
         ("Is tumour present in any of the slides?",
          (f"Yes, tumour is present in {T._join([names[i] for i in tumor])}." if tumor
           else "No, none of the slides shows tumour.")),
         ("In how many of the slides is necrosis present?", _count_sentence("necrosis", truth["necrosis_slides"], names)),
     ]
+
+
+def case_conversation(truth: dict) -> list[dict]:
+    """A LLaVA conversation over the case, ``case_sentence_turns`` in order; its first turn names every slide with
+    its label, as the case prompt does."""
     conv = []
-    for q, a in turns:
+    for q, a in case_sentence_turns(truth):
         conv.append({"from": "human", "value": q if conv else case_image_header(truth["labels"]) + "\n" + q})
         conv.append({"from": "gpt", "value": a})
     return conv
@@ -307,6 +312,6 @@ def compose_case_dataset(source_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 
 __all__ = ["generate_case_dataset", "compose_case_dataset", "plan_cases", "case_truth", "case_closed_questions",
-           "case_conversation", "slide_findings", "reasoned_case_answer",
+           "case_conversation", "case_sentence_turns", "slide_findings", "reasoned_case_answer",
            "case_report", "write_case_products", "slide_name", "case_image_header",
            "CASE_SLIDE_SEPARATOR", "NO_LESION_SLIDE"]
