@@ -18,9 +18,11 @@ from slidechat.training.recipe import StageRecipe
 
 log = logging.getLogger("training")
 
-TRAINABLE_MODULES = ("slide_encoder", "projector")
+TRAINABLE_MODULES = ("slide_encoder", "projector", "case_slide_embedding")
 # LLMConfig options a stage may set on a previous stage's checkpoint (``init_from``): how the LLM trains
 LLM_TRAINING_OPTIONS = ("mode", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# SlideAssistantConfig options a stage may add to a previous stage's checkpoint (new parts, untrained at first)
+ADDABLE_OPTIONS = ("case_slide_embeddings",)
 
 
 def llm_mode(recipe: StageRecipe) -> str:
@@ -42,7 +44,7 @@ def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
 
     overrides = _llm_overrides(recipe)
     if recipe.init_from:
-        extra = sorted(set(recipe.model) - {"llm"}) + sorted(f"llm.{k}" for k in set(recipe.model.get("llm") or {})
+        extra = sorted(set(recipe.model) - {"llm", *ADDABLE_OPTIONS}) + sorted(f"llm.{k}" for k in set(recipe.model.get("llm") or {})
                                                              - set(LLM_TRAINING_OPTIONS))
         if extra:
             raise ConfigError(f"recipe {recipe.name}: with init_from, model may only set llm.{{{', '.join(LLM_TRAINING_OPTIONS)}}}"
@@ -50,10 +52,28 @@ def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
         path = Path(recipe.init_from)
         if (path / "adapter" / "adapter_config.json").is_file() and overrides["mode"] == "lora":
             overrides = {"mode": "lora", "gradient_checkpointing": overrides["gradient_checkpointing"]}
-        return SlideAssistant.from_pretrained(path, device=device, llm_overrides=overrides)
+        model = SlideAssistant.from_pretrained(path, device=device, llm_overrides=overrides)
+        add_parts(model, recipe)
+        return model
     data = copy.deepcopy(recipe.model)
     data.setdefault("llm", {}).update(overrides)  # mode defaults to frozen; gradient checkpointing from train
     return SlideAssistant(SlideAssistantConfig.from_dict(data), device=device)
+
+
+def add_parts(model, recipe: StageRecipe) -> None:
+    """Add the parts ``recipe.model`` asks for that the previous stage's checkpoint lacks (a larger table than
+    the checkpoint's is refused: its trained rows would be thrown away)."""
+    n = recipe.model.get("case_slide_embeddings")
+    if n is None or n == model.config.case_slide_embeddings:
+        return
+    if model.case_slide_embedding is not None:
+        raise ConfigError(f"recipe {recipe.name}: the checkpoint {recipe.init_from} already has "
+                          f"{model.config.case_slide_embeddings} case slide embeddings; remove "
+                          "model.case_slide_embeddings (the architecture comes from the checkpoint)")
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"recipe {recipe.name}: model.case_slide_embeddings must be an integer >= 1, got {n!r}")
+    model.add_case_slide_embeddings(n)
+    log.info("added %d case slide embeddings (zero: the checkpoint answers as before until they train)", n)
 
 
 def configure_trainable(model, recipe: StageRecipe) -> None:
@@ -62,8 +82,14 @@ def configure_trainable(model, recipe: StageRecipe) -> None:
     unknown = wanted - set(TRAINABLE_MODULES)
     if unknown:
         raise ConfigError(f"train.train_modules {sorted(unknown)}: choose from {list(TRAINABLE_MODULES)}")
+    missing = [name for name in wanted if getattr(model, name) is None]
+    if missing:
+        raise ConfigError(f"recipe {recipe.name}: train_modules names {missing[0]} but the model has none "
+                          "(set model.case_slide_embeddings)")
     for name in TRAINABLE_MODULES:
-        getattr(model, name).requires_grad_(name in wanted)
+        module = getattr(model, name)
+        if module is not None:
+            module.requires_grad_(name in wanted)
     readout = getattr(model.projector, "patch_readout", None)
     if readout is not None:  # fit to the patches' measured classes: the language-model loss must not move it
         readout.requires_grad_(False)
@@ -75,7 +101,9 @@ def configure_trainable(model, recipe: StageRecipe) -> None:
 
 
 def llm_param_prefixes(model) -> list[str]:
-    return ["llm."]
+    """Parameters trained at the LLM's learning rate: the LLM's, and the case slide vectors, which live in the
+    LLM's input-embedding space."""
+    return ["llm.", "case_slide_embedding."]
 
 
 def enable_gradient_checkpointing(model) -> None:

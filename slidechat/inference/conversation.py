@@ -109,7 +109,7 @@ class Conversation:
         self.slides = [st.slide for st in self.states]
         self.slide = self.slides[0]
         self._slide_tokens = (self.state.tokens if len(self.states) == 1
-                              else torch.cat([st.tokens for st in self.states], dim=0))
+                              else torch.cat(self.model.mark_case_slides([st.tokens for st in self.states]), dim=0))
         self.kv_reuse = kv_reuse
         self.max_new_tokens = max_new_tokens
         self.messages: list[dict[str, str]] = []

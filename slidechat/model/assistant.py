@@ -3,8 +3,8 @@
 The text side (tokenizer, chat template, the ``<slide>`` placeholder that becomes ``SLIDE_TOKEN_ID``) is the
 model's ``processor`` (``slidechat.model.processor.SlideChatProcessor``); ``build_inputs_embeds`` replaces each
 ``SLIDE_TOKEN_ID`` by the slide's projected tokens (a case of several slides: one placeholder per slide, filled in
-order). No token is added to the LLM's vocabulary, so a frozen LLM stays
-untouched. Inference (encoding slide files, conversations, heatmaps, reports) lives in ``slidechat.inference`` and
+order; with ``case_slide_embeddings`` each slide of a case gets its position's learned vector added). No token
+is added to the LLM's vocabulary, so a frozen LLM stays untouched. Inference (encoding slide files, conversations, heatmaps, reports) lives in ``slidechat.inference`` and
 uses this class; this class knows nothing about it.
 
 Training: ``processor.tokenize_conversation(messages)`` and ``forward(input_ids, attention_mask, labels,
@@ -13,7 +13,7 @@ slide_features, slide_coords)`` returning the LLM output with ``.loss``.
 Checkpoint folder (``save_pretrained`` / ``from_pretrained``)::
 
     config.json                 SlideAssistantConfig (the LLM referenced by alias / path / hub id)
-    model.safetensors           slide_encoder.* + projector.*
+    model.safetensors           slide_encoder.* + projector.* (+ case_slide_embedding.weight when configured)
     patch_encoder.safetensors   the patch encoder's weights, when it has some (optional)
     feature_stats.*             statistics of the training features, for the out-of-distribution warning (optional)
     adapter/                    peft LoRA adapter (mode "lora")
@@ -97,6 +97,9 @@ class SlideAssistant(nn.Module):
         self.slide_encoder = HierarchicalSlideEncoder(config.encoder)
         self.projector: SlideProjector = create_projector(config.projector, config, int(embeddings.shape[1]))
         self.projector.attach_llm(tokenizer, embeddings)
+        self.case_slide_embedding: nn.Embedding | None = None
+        if config.case_slide_embeddings:
+            self.add_case_slide_embeddings(config.case_slide_embeddings)
         self.slide_encoder.to(device)
         self.projector.to(device)
         self.checkpoint_dir: Path | None = base_dir  # where patch encoder weights etc. are resolved from
@@ -132,6 +135,27 @@ class SlideAssistant(nn.Module):
         proj.tokens = [t.to(self.llm_dtype) for t in proj.tokens]
         return encodings, proj
 
+    def add_case_slide_embeddings(self, n: int) -> nn.Embedding:
+        """Give slide positions 1..``n`` of a case a learned vector (zero to start: the model answers as before
+        until it is trained). Updates ``self.config``."""
+        if n < 1:
+            raise ConfigError(f"case_slide_embeddings must be >= 1 to add them, got {n}")
+        hidden = int(self.llm.get_input_embeddings().weight.shape[1])
+        self.case_slide_embedding = nn.Embedding(n, hidden, device=self.device)
+        nn.init.zeros_(self.case_slide_embedding.weight)
+        self.config.case_slide_embeddings = n
+        return self.case_slide_embedding
+
+    def mark_case_slides(self, slide_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A case's per-slide tokens with each slide's position vector added (slides beyond the table and single
+        slides are left as they are)."""
+        tokens = list(slide_tokens)
+        table = self.case_slide_embedding
+        if table is None or len(tokens) < 2:
+            return tokens
+        n = min(len(tokens), table.num_embeddings)
+        return [t + table.weight[i].to(t.device, t.dtype) if i < n else t for i, t in enumerate(tokens)]
+
     # ------------------------------------------------------------------ text side
     def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                               with_slide: bool = True, num_slides: int = 1,
@@ -161,6 +185,7 @@ class SlideAssistant(nn.Module):
                 row = [row] if isinstance(row, torch.Tensor) else list(row)
                 if len(row) != len(where):
                     raise DataError(f"a conversation holds {len(where)} <slide> placeholders but {len(row)} slides")
+                row = self.mark_case_slides(row)
                 parts_e, parts_m, parts_l, prev = [], [], [], 0
                 for p, st in zip(where, row):
                     st = st.to(tok_emb.dtype)
@@ -209,6 +234,8 @@ class SlideAssistant(nn.Module):
         """Slide encoder + projector weights (what ``model.safetensors`` holds)."""
         sd = {f"slide_encoder.{k}": v for k, v in self.slide_encoder.state_dict().items()}
         sd.update({f"projector.{k}": v for k, v in self.projector.state_dict().items()})
+        if self.case_slide_embedding is not None:
+            sd["case_slide_embedding.weight"] = self.case_slide_embedding.weight
         return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
     def patch_encoder_weights_path(self) -> Path | None:
@@ -299,12 +326,18 @@ class SlideAssistant(nn.Module):
         """Load slide encoder + projector weights strictly; mismatches become a ``CheckpointError``."""
         enc = {k[len("slide_encoder."):]: v for k, v in state.items() if k.startswith("slide_encoder.")}
         proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
-        other = [k for k in state if not k.startswith(("slide_encoder.", "projector."))]
+        case = {k[len("case_slide_embedding."):]: v for k, v in state.items() if k.startswith("case_slide_embedding.")}
+        other = [k for k in state if not k.startswith(("slide_encoder.", "projector.", "case_slide_embedding."))]
         try:
             if other:
                 raise RuntimeError(f"unexpected keys {other[:5]}")
+            if bool(case) != (self.case_slide_embedding is not None):
+                raise RuntimeError(f"case_slide_embeddings is {self.config.case_slide_embeddings} in the config but "
+                                   f"the weights {'hold' if case else 'lack'} case_slide_embedding.weight")
             self.slide_encoder.load_state_dict(enc, strict=True)
             self.projector.load_state_dict(proj, strict=True)
+            if self.case_slide_embedding is not None:
+                self.case_slide_embedding.load_state_dict(case, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{source} does not match the model in config.json: {str(exc)[:500]}") from exc
 

@@ -167,6 +167,9 @@ class SlideAssistantConfig(ConfigMixin):
     llm: LLMConfig = field(default_factory=LLMConfig)
     patch_encoder: PatchEncoderRef | None = field(default_factory=PatchEncoderRef)
     system_prompt: str | None = None  # None = prompts.SYSTEM_PROMPT; "" = the LLM template's own default
+    # N > 0: a learned vector per slide position 1..N, added to every token of that slide in a case of several
+    # slides (single slides never get one), so the LLM can tell whose tokens it reads; 0 = none
+    case_slide_embeddings: int = 0
     format_version: int = CONFIG_FORMAT_VERSION
 
     # written by earlier versions, no longer read (the placeholder is always prompts.SLIDE_PLACEHOLDER)
@@ -175,6 +178,8 @@ class SlideAssistantConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if not isinstance(self.projector, str) or not self.projector:
             raise ConfigError(f"projector must be the name of a registered projector, got {self.projector!r}")
+        if not isinstance(self.case_slide_embeddings, int) or self.case_slide_embeddings < 0:
+            raise ConfigError(f"case_slide_embeddings must be an integer >= 0, got {self.case_slide_embeddings!r}")
         # The Q-Former reads the slide encoder's tokens.
         self.qformer.encoder_hidden_size = self.encoder.hidden_size
 
