@@ -44,11 +44,12 @@ def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
 
     overrides = _llm_overrides(recipe)
     if recipe.init_from:
-        extra = sorted(set(recipe.model) - {"llm", *ADDABLE_OPTIONS}) + sorted(f"llm.{k}" for k in set(recipe.model.get("llm") or {})
-                                                             - set(LLM_TRAINING_OPTIONS))
+        extra = sorted(set(recipe.model) - {"llm", *ADDABLE_OPTIONS}) + sorted(
+            f"llm.{k}" for k in set(recipe.model.get("llm") or {}) - set(LLM_TRAINING_OPTIONS))
         if extra:
             raise ConfigError(f"recipe {recipe.name}: with init_from, model may only set llm.{{{', '.join(LLM_TRAINING_OPTIONS)}}}"
-                              f" (the architecture comes from the previous stage's checkpoint); remove model.{extra[0]}")
+                              f" and add {', '.join(ADDABLE_OPTIONS)} (the architecture comes from the previous stage's"
+                              f" checkpoint); remove model.{extra[0]}")
         path = Path(recipe.init_from)
         if (path / "adapter" / "adapter_config.json").is_file() and overrides["mode"] == "lora":
             overrides = {"mode": "lora", "gradient_checkpointing": overrides["gradient_checkpointing"]}
@@ -61,8 +62,8 @@ def build_model(recipe: StageRecipe, device: str | torch.device = "cpu"):
 
 
 def add_parts(model, recipe: StageRecipe) -> None:
-    """Add the parts ``recipe.model`` asks for that the previous stage's checkpoint lacks (a larger table than
-    the checkpoint's is refused: its trained rows would be thrown away)."""
+    """Add the parts ``recipe.model`` asks for that the previous stage's checkpoint lacks (a table of another size
+    than the checkpoint's own is refused: the architecture comes from the checkpoint)."""
     n = recipe.model.get("case_slide_embeddings")
     if n is None or n == model.config.case_slide_embeddings:
         return

@@ -4,8 +4,8 @@ The text side (tokenizer, chat template, the ``<slide>`` placeholder that become
 model's ``processor`` (``slidechat.model.processor.SlideChatProcessor``); ``build_inputs_embeds`` replaces each
 ``SLIDE_TOKEN_ID`` by the slide's projected tokens (a case of several slides: one placeholder per slide, filled in
 order; with ``case_slide_embeddings`` each slide of a case gets its position's learned vector added). No token
-is added to the LLM's vocabulary, so a frozen LLM stays untouched. Inference (encoding slide files, conversations, heatmaps, reports) lives in ``slidechat.inference`` and
-uses this class; this class knows nothing about it.
+is added to the LLM's vocabulary, so a frozen LLM stays untouched. Inference (encoding slide files, conversations,
+heatmaps, reports) lives in ``slidechat.inference`` and uses this class; this class knows nothing about it.
 
 Training: ``processor.tokenize_conversation(messages)`` and ``forward(input_ids, attention_mask, labels,
 slide_features, slide_coords)`` returning the LLM output with ``.loss``.
@@ -153,8 +153,8 @@ class SlideAssistant(nn.Module):
         table = self.case_slide_embedding
         if table is None or len(tokens) < 2:
             return tokens
-        n = min(len(tokens), table.num_embeddings)
-        return [t + table.weight[i].to(t.device, t.dtype) if i < n else t for i, t in enumerate(tokens)]
+        return [t + table.weight[i].to(t.device, t.dtype) if i < table.num_embeddings else t
+                for i, t in enumerate(tokens)]
 
     # ------------------------------------------------------------------ text side
     def tokenize_conversation(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
