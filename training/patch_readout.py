@@ -5,7 +5,12 @@ The slide encoder, the Q-Former and the LLM (with its adapter) stay as they are;
 1. the patch head, on every patch of the training slides against the class shares measured inside the patch from
    the SynthSlide label map (cross-entropy with soft targets; tens of thousands of patches, so it generalises
    where a slide-level head of a few hundred slides does not);
-2. each read concept's ``scale`` / ``offset``, on the slide truth (the concept's cross-entropy), the head fixed.
+2. each read concept's ``scale`` / ``offset``, on the slide truth (the concept's cross-entropy), the head fixed;
+   a ``patch_focus`` concept's linear layer over its shape numbers (standardised on the training slides, then
+   folded into the layer) likewise.
+
+A checkpoint that already reads concepts from patches keeps its patch head and those concepts: with
+``head_steps: 0`` a stage only adds and fits the new ones.
 
 Concept tokens stay the softmax mix of the same words' embeddings, so the LLM keeps reading them as before.
 """
@@ -34,18 +39,20 @@ log = logging.getLogger("training")
 class PatchReadoutConfig:
     """``read``: concept name -> ``patch_share`` or ``patch_presence`` (the presence concept's class is the tissue
     class in its name: ``present_necrosis`` -> ``necrosis``), or the concept entry's fields, e.g. ``{read:
-    patch_bins, class: tumor, edges: [0.1, 0.3]}``."""
+    patch_bins, class: tumor, edges: [0.1, 0.3]}`` or ``{read: patch_focus, classes: [tumor, necrosis]}``."""
 
     read: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None        # the checkpoint to extend (default: the pipeline's latest)
     synth_dir: str | None = None        # training slides with label maps (default: the pipeline's)
     features_dir: str | None = None     # their features (default: the pipeline's)
+    more_slides: list[dict] = field(default_factory=list)  # more training slides: [{synth_dir:, features_dir:}]
     val_synth_dir: str | None = None    # held-out slides for the report (default: val_fraction of the training ones)
     val_features_dir: str | None = None
     val_seed: int | None = None         # the pipeline makes val_n fresh SynthSlides of this seed (and their features)
     val_n: int = 96
+    val_lesion_probability: float = 0.75
     val_fraction: float = 0.1
-    head_steps: int = 600              # full-batch steps over every training patch
+    head_steps: int = 600              # full-batch steps over every training patch (0: keep the checkpoint's head)
     head_lr: float = 3.0e-3
     calibration_epochs: int = 300
     calibration_lr: float = 5.0e-2
@@ -90,6 +97,7 @@ def load_readout_slides(model, synth_dir: str | Path, features_dir: str | Path, 
                                     ps or 224.0, len(LABEL_NAMES), samples)
         attrs = synth_attributes(t)
         slides.append({"slide_id": t["slide_id"], "tokens": enc.patch_tokens.detach().float().cpu(),
+                       "grid": enc.patch_grid.detach().cpu(),
                        "shares": torch.from_numpy(shares),
                        "targets": {n: f(attrs) for n, f in SYNTH_CONCEPT_TARGETS.items()},
                        "query_logits": {k: v[0].float().cpu() for k, v in (proj.concept_logits or {}).items()}})
@@ -105,7 +113,7 @@ def concept_accuracy(projector, slides: list[dict], names: list[str], patch: boo
             hits = []
             for s in slides:
                 if patch:
-                    lg = projector.patch_readout([s["tokens"]])[name][0]
+                    lg = projector.patch_readout([s["tokens"]], [s["grid"]])[name][0]
                 else:
                     lg = s["query_logits"][name]
                 hits.append(int(lg.argmax()) == s["targets"][name])
@@ -121,6 +129,8 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
     torch.manual_seed(cfg.seed)
     output_dir = Path(output_dir)
     slides = load_readout_slides(model, synth_dir, features_dir, cfg.samples)
+    for more in cfg.more_slides:
+        slides += load_readout_slides(model, more["synth_dir"], more["features_dir"], cfg.samples)
     if cfg.val_synth_dir:
         val = load_readout_slides(model, cfg.val_synth_dir, cfg.val_features_dir or features_dir, cfg.samples)
         train = slides
@@ -135,27 +145,24 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
     readout.train()
     tokens = torch.cat([s["tokens"] for s in train])
     shares = torch.cat([s["shares"] for s in train])
-    # 1. the patch head: full-batch steps over every training patch (a few MB)
-    opt = torch.optim.AdamW(readout.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
-    for _ in range(cfg.head_steps):
-        opt.zero_grad()
-        loss = soft_patch_loss(readout.patch_logits(tokens), shares)
-        loss.backward()
-        opt.step()
-    head_loss = float(loss.detach())
-    # 2. each concept's scale / offset on the slide truth, the head fixed
+    head_loss = None
+    if cfg.head_steps:
+        # 1. the patch head: full-batch steps over every training patch (a few MB)
+        opt = torch.optim.AdamW(readout.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+        for _ in range(cfg.head_steps):
+            opt.zero_grad()
+            loss = soft_patch_loss(readout.patch_logits(tokens), shares)
+            loss.backward()
+            opt.step()
+        head_loss = round(float(loss.detach()), 4)
+    # 2. each concept's scale / offset (or focus layer) on the slide truth, the head fixed
     readout.head.requires_grad_(False)
-    with torch.no_grad():
-        aggregates = [readout.aggregate(readout.patch_logits(s["tokens"])) for s in train]
-    calib = [p for n in names for p in (readout.scale[n], readout.offset[n])] + list(readout.bin_scale.values())
-    opt = torch.optim.Adam(calib, lr=cfg.calibration_lr)
-    targets = {n: torch.tensor([s["targets"][n] for s in train]) for n in names}
-    for _ in range(cfg.calibration_epochs):
-        opt.zero_grad()
-        per_slide = [readout.concept_logits(*a) for a in aggregates]
-        loss = sum(F.cross_entropy(torch.stack([p[n] for p in per_slide]), targets[n]) for n in names)
-        loss.backward()
-        opt.step()
+    scalar = [n for n in names if n in readout.scale]
+    if scalar:
+        _fit_scalar_concepts(readout, train, scalar, cfg)
+    for n in names:
+        if n in readout.focus:
+            _fit_focus_concept(readout, train, n, cfg)
     readout.requires_grad_(False)
     readout.eval()
     after = concept_accuracy(model.projector, val, names, patch=True)
@@ -165,12 +172,55 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
         patch_acc = float((readout.patch_logits(val_tokens).argmax(1) == val_shares.argmax(1)).float().mean())
     model.save_pretrained(output_dir / "final")
     metrics = {"train_slides": len(train), "val_slides": len(val), "train_patches": int(tokens.shape[0]),
-               "patch_loss": round(head_loss, 4), "val_patch_accuracy": round(patch_acc, 4),
+               "patch_loss": head_loss, "val_patch_accuracy": round(patch_acc, 4),
                "val_concept_accuracy_query_heads": before, "val_concept_accuracy_patch_readout": after,
-               "scale": {n: round(float(readout.scale[n]), 3) for n in names},
-               "offset": {n: round(float(readout.offset[n]), 3) for n in names},
-               "bin_scale": {n: round(float(v), 3) for n, v in readout.bin_scale.items()},
+               "scale": {n: round(float(readout.scale[n]), 3) for n in scalar},
+               "offset": {n: round(float(readout.offset[n]), 3) for n in scalar},
+               "bin_scale": {n: round(float(v), 3) for n, v in readout.bin_scale.items() if n in names},
                "wall_time_s": round(time.perf_counter() - t0, 1)}
     write_json_atomic(output_dir / "metrics.json", metrics)
     log.info("[patch-readout] %s", metrics)
     return metrics
+
+
+def _fit_scalar_concepts(readout, train: list[dict], names: list[str], cfg: PatchReadoutConfig) -> None:
+    """Each concept's scale / offset (and bin scale) by Adam on the concepts' cross-entropy."""
+    with torch.no_grad():
+        aggregates = [readout.aggregate(readout.patch_logits(s["tokens"])) for s in train]
+    calib = [p for n in names for p in (readout.scale[n], readout.offset[n])]
+    calib += [v for n, v in readout.bin_scale.items() if n in names]
+    opt = torch.optim.Adam(calib, lr=cfg.calibration_lr)
+    targets = {n: torch.tensor([s["targets"][n] for s in train]) for n in names}
+    for _ in range(cfg.calibration_epochs):
+        opt.zero_grad()
+        per_slide = [readout.concept_logits(*a, names=names) for a in aggregates]
+        loss = sum(F.cross_entropy(torch.stack([p[n] for p in per_slide]), targets[n]) for n in names)
+        loss.backward()
+        opt.step()
+
+
+def _fit_focus_concept(readout, train: list[dict], name: str, cfg: PatchReadoutConfig) -> None:
+    """A ``patch_focus`` concept's linear layer: L-BFGS on the cross-entropy of standardised shape numbers (L2
+    ``weight_decay``), the standardisation folded into the layer afterwards."""
+    classes = readout.concepts[name]["classes"]
+    with torch.no_grad():
+        x = torch.stack([readout.focus_features(readout.patch_logits(s["tokens"]), s["grid"], classes)
+                         for s in train]).double()
+    y = torch.tensor([s["targets"][name] for s in train])
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(readout.focus[name].weight.shape, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(w.shape[0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, y) + cfg.weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        layer = readout.focus[name]
+        layer.weight.copy_((w / sd).to(layer.weight.dtype))
+        layer.bias.copy_((b - (w / sd) @ mu).to(layer.bias.dtype))

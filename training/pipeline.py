@@ -107,7 +107,8 @@ def _synth_step(run: _Run) -> None:
 
     t = time.perf_counter()
     log.info("[pipeline] synth: %d %s slides, seed %d", step.n, step.size, step.seed)
-    generate_dataset(run.synth_dir, step.n, seed=step.seed, size=step.size)
+    generate_dataset(run.synth_dir, step.n, seed=step.seed, size=step.size,
+                     lesion_probability=step.lesion_probability)
     run.record("synth", {"n": step.n, "seed": step.seed, "wall_time_s": round(time.perf_counter() - t, 1)})
 
 
@@ -228,7 +229,8 @@ def _fresh_validation_set(model, val_dir: Path, cfg):
     from slidechat.synth import generate_dataset
 
     if not (val_dir / "dataset.json").exists():
-        generate_dataset(val_dir, cfg.val_n, seed=cfg.val_seed, size="tiny")
+        generate_dataset(val_dir, cfg.val_n, seed=cfg.val_seed, size="tiny",
+                         lesion_probability=cfg.val_lesion_probability)
     ref = model.config.patch_encoder
     extract_many([str(val_dir / "slides")], load_patch_encoder(model), val_dir / "features",
                  ExtractionConfig(target_mpp=ref.target_mpp, patch_size=ref.patch_size, num_workers=0))

@@ -93,6 +93,7 @@ class SynthStep:
     n: int = 32
     seed: int = 1234
     size: str = "tiny"
+    lesion_probability: float = 0.75  # chance a slide has a focal lesion
 
 
 @dataclass

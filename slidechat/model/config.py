@@ -81,7 +81,8 @@ class QFormerConfig(ConfigMixin):
     concepts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # Patch classes (optional): a small MLP on the slide encoder's patch tokens gives every patch these classes'
     # probabilities; a concept with ``read: patch_share`` / ``patch_presence`` / ``patch_bins`` is read from their
-    # area-weighted sums (``slidechat.model.patch_readout``) instead of from the queries.
+    # area-weighted sums, one with ``read: patch_focus`` from the shape of their areas on the patch grid
+    # (``slidechat.model.patch_readout``), instead of from the queries.
     patch_classes: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:

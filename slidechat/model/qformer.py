@@ -228,12 +228,18 @@ class QFormerProjector(SlideProjector):
 
     def read_concepts_from_patches(self, patch_classes: Sequence[str], read: dict[str, dict]) -> PatchClassReadout:
         """Switch the concepts named in ``read`` (name -> ``{"read": ..., "class": ...}``) to the patch-class
-        readout (a new, untrained ``patch_readout``); their query heads are dropped. Updates ``self.config``."""
+        readout; their query heads are dropped. An existing readout of the same patch classes keeps its patch head
+        and the concepts it already reads (a stage may add one concept to a trained readout); otherwise the readout
+        is new and untrained. Updates ``self.config``."""
         unknown = set(read) - {c["name"] for c in self.config.concepts}
         if unknown:
             raise ConfigError(f"no concept named {sorted(unknown)}; concepts: {[c['name'] for c in self.config.concepts]}")
         concepts = [{**c, **read[c["name"]]} if c["name"] in read else c for c in self.config.concepts]
         readout = PatchClassReadout(self.config.encoder_hidden_size, patch_classes, concepts)
+        old = self.patch_readout
+        if old is not None and old.patch_classes == list(patch_classes):
+            kept = {k: v for k, v in old.state_dict().items() if k.split(".")[1] not in read or k.startswith("head.")}
+            readout.load_state_dict(kept, strict=False)
         self.config.concepts, self.config.patch_classes = concepts, list(patch_classes)
         for name in read:
             if name in self.concept_heads:
@@ -273,13 +279,16 @@ class QFormerProjector(SlideProjector):
         """Project a batch of ``SlideEncoderOutput``s (all levels of each slide are the Q-Former's memory)."""
         memory, mask = pad_and_stack([e.tokens() for e in encodings])
         patch_tokens = [e.patch_tokens for e in encodings] if self.patch_readout is not None else None
-        return self.project_memory(memory, mask, output_attentions, patch_tokens)
+        grids = [e.patch_grid for e in encodings] if self.patch_readout is not None else None
+        return self.project_memory(memory, mask, output_attentions, patch_tokens, grids)
 
     def project_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
                        output_attentions: bool = False,
-                       patch_tokens: Sequence[torch.Tensor] | None = None) -> ProjectorOutput:
+                       patch_tokens: Sequence[torch.Tensor] | None = None,
+                       patch_grids: Sequence[torch.Tensor] | None = None) -> ProjectorOutput:
         """``memory`` [B, L, H_enc] (all slide-encoder levels, padded), ``memory_mask`` bool [B, L];
-        ``patch_tokens`` (each slide's [N_i, H_enc]) are needed when concepts are read from patch classes."""
+        ``patch_tokens`` (each slide's [N_i, H_enc]) are needed when concepts are read from patch classes, and
+        ``patch_grids`` (each [N_i, 2]) when one is read from where they lie (``patch_focus``)."""
         b = memory.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)
         hidden, cross = self.qformer(queries, memory, memory_mask, output_attentions)
@@ -296,7 +305,7 @@ class QFormerProjector(SlideProjector):
             if self.patch_readout is not None:
                 if patch_tokens is None:
                     raise ConfigError("concepts read from patch classes need the slides' patch tokens")
-                logits.update(self.patch_readout(patch_tokens))
+                logits.update(self.patch_readout(patch_tokens, patch_grids))
             logits = {c["name"]: logits[c["name"]] for c in self.config.concepts}  # the concept order of the config
             words = [torch.softmax(lg.float(), dim=-1).to(tokens.dtype) @ vocab[name].to(tokens.dtype)
                      for name, lg in logits.items()]
