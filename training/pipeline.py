@@ -33,7 +33,7 @@ import torch
 from slidechat.errors import ConfigError
 from slidechat.slide.config import DEFAULT_PATCH_SIZE, DEFAULT_TARGET_MPP, ExtractionConfig
 from slidechat.training.model_hooks import LLM_TRAINING_OPTIONS
-from slidechat.training.recipe import EvaluateStep, PipelineRecipe, StageRecipe
+from slidechat.training.recipe import EvaluateStep, PipelineRecipe, StageRecipe, SynthStep
 from slidechat.utils.io import write_json_atomic
 
 log = logging.getLogger("training")
@@ -99,10 +99,13 @@ class _Run:
 def _synth_step(run: _Run) -> None:
     step = run.recipe.synth
     marker = run.synth_dir / "dataset.json"
-    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("seed", "n")} == {"seed": step.seed,
-                                                                                                "n": step.n}:
-        log.info("[pipeline] synth: %s already complete", run.synth_dir)
-        return
+    if marker.exists():
+        made = json.loads(marker.read_text())
+        made.setdefault("lesion_probability", SynthStep.lesion_probability)  # not recorded before: the default
+        wanted = {"seed": step.seed, "n": step.n, "lesion_probability": step.lesion_probability}
+        if {k: made.get(k) for k in wanted} == wanted:
+            log.info("[pipeline] synth: %s already complete", run.synth_dir)
+            return
     from slidechat.synth import generate_dataset
 
     t = time.perf_counter()

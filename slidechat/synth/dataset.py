@@ -160,7 +160,7 @@ def generate_dataset(
             progress(i + 1, n)
     write_text_products(out, records, seed)
     write_json_atomic(out / "dataset.json", {
-        "generator": "slidechat.synth", "seed": seed, "size": size, "n": n, "mpp": MPP,
-        "magnification": MAGNIFICATION, "tissue_classes": list(TISSUE_CLASSES), "label_names": list(LABEL_NAMES),
+        "generator": "slidechat.synth", "seed": seed, "size": size, "n": n, "lesion_probability": lesion_probability,
+        "mpp": MPP, "magnification": MAGNIFICATION, "tissue_classes": list(TISSUE_CLASSES), "label_names": list(LABEL_NAMES),
     })
     return records

@@ -60,6 +60,26 @@ def test_pipeline_runs_every_step_on_the_trainer_and_resumes(tiny_llm_dir, tmp_p
     assert again["steps"]["slide_pretrain"] == steps["slide_pretrain"]
 
 
+def test_synth_step_keeps_a_complete_folder_and_remakes_one_of_another_lesion_probability(tmp_path):
+    from slidechat.training.pipeline import _Run, _synth_step
+
+    def synth(p: float) -> dict:
+        recipe = recipe_from_dict({"kind": "pipeline", "output_dir": str(tmp_path / "run"),
+                                   "synth": {"n": 1, "seed": 3, "lesion_probability": p}})
+        _synth_step(_Run(recipe, resume=True))
+        return json.loads((tmp_path / "run" / "synth" / "dataset.json").read_text())
+
+    def lesion() -> bool:
+        return json.loads((tmp_path / "run" / "synth" / "truth.jsonl").read_text())["lesion"] is not None
+
+    assert synth(0.0)["lesion_probability"] == 0.0 and not lesion()
+    marker = tmp_path / "run" / "synth" / "dataset.json"
+    made = marker.stat().st_mtime_ns
+    synth(0.0)
+    assert marker.stat().st_mtime_ns == made  # complete: not made again
+    assert synth(1.0)["lesion_probability"] == 1.0 and lesion()  # asked for another probability: made again
+
+
 def test_evaluate_step_scores_the_demo_checkpoint(tmp_path):
     """One fresh slide with the demo recipe's unseen eval seed: the step generates it, then asks and points."""
     summary = evaluate_checkpoint(DEMO, tmp_path / "eval", EvaluateStep(n=1, seed=98765, limit=2))
