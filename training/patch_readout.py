@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slidechat.errors import ConfigError
 from slidechat.synth.classes import LABEL_NAMES, TISSUE_CLASSES
 from slidechat.utils.io import read_jsonl, write_json_atomic
 from slidechat.training.slide_pretrain import SYNTH_CONCEPT_TARGETS, synth_attributes
@@ -126,6 +127,10 @@ def train_patch_readout(model, cfg: PatchReadoutConfig, synth_dir: str | Path, f
     """Add the readout of ``cfg.read`` to ``model`` (in place), train it, save ``output_dir/final``; returns
     metrics: held-out accuracy of every read concept before (query heads) and after (patch readout)."""
     t0 = time.perf_counter()
+    kept = getattr(model.projector, "patch_readout", None)
+    if not cfg.head_steps and (kept is None or kept.patch_classes != list(TISSUE_CLASSES)):
+        raise ConfigError("patch_readout.head_steps: 0 keeps the checkpoint's patch head, but the checkpoint has no "
+                          f"patch readout of the classes {list(TISSUE_CLASSES)}; train one (head_steps > 0)")
     torch.manual_seed(cfg.seed)
     output_dir = Path(output_dir)
     slides = load_readout_slides(model, synth_dir, features_dir, cfg.samples)

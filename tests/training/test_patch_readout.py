@@ -204,13 +204,15 @@ def test_a_stage_adds_a_focus_concept_to_a_trained_readout_and_keeps_the_rest(sy
         {"name": "lesion", "words": ["tumour focus", "necrosis focus", "lymph focus", "stroma only"]}]
     torch.manual_seed(0)
     model = SlideAssistant(cfg, device="cpu").eval()
+    focus = PatchReadoutConfig(read={"lesion": {"read": "patch_focus", "classes": ["tumor", "necrosis", "lymphocytes"]}},
+                               val_synth_dir=str(synth_dataset), head_steps=0, weight_decay=1e-3,
+                               more_slides=[{"synth_dir": str(synth_dataset), "features_dir": str(feats)}])
+    with pytest.raises(ConfigError, match="no patch readout"):  # no head to keep yet
+        train_patch_readout(model, focus, synth_dataset, feats, tmp_path / "focus")
     first = PatchReadoutConfig(read={"dominant": "patch_share"}, val_synth_dir=str(synth_dataset), head_steps=100,
                                calibration_epochs=50)
     train_patch_readout(model, first, synth_dataset, feats, tmp_path / "readout")
     kept = {k: v.clone() for k, v in model.projector.patch_readout.state_dict().items()}
-    focus = PatchReadoutConfig(read={"lesion": {"read": "patch_focus", "classes": ["tumor", "necrosis", "lymphocytes"]}},
-                               val_synth_dir=str(synth_dataset), head_steps=0, weight_decay=1e-3,
-                               more_slides=[{"synth_dir": str(synth_dataset), "features_dir": str(feats)}])
     m = train_patch_readout(model, focus, synth_dataset, feats, tmp_path / "focus")
     assert m["train_slides"] == 8  # the training folder and one more
     readout = model.projector.patch_readout
